@@ -1,0 +1,219 @@
+"""Which certificate each handshake gets: an immutable name -> SSLContext snapshot.
+
+Readers (the SNI callback, on the event loop, for every handshake) do one attribute read and
+one or two dict lookups: no I/O, no locks. Writers (issuers, file watchers, reloads; often in
+a worker thread) build the new contexts first, then publish a whole new snapshot in one
+assignment under a writer-only lock. A published snapshot is never mutated, so a handshake
+always sees a consistent mapping, and an open connection keeps the context it started with.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+
+from proxy.tls import policy_context, server_context
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CertEntry:
+    """One installed certificate and what the ``certs`` table and logs say about it."""
+
+    names: tuple[str, ...]
+    context: ssl.SSLContext = field(repr=False)
+    not_before: datetime  # aware, UTC
+    not_after: datetime  # aware, UTC
+    issuer: str  # "acme" | "internal" | "file" | ...
+    source: str  # a file path, "internal CA", an ACME directory URL, ...
+    serial: str  # hex, as ``openssl x509 -serial`` prints it
+
+
+def make_entry(
+    names: Sequence[str],
+    chain_pem: bytes,
+    key_pem: bytes,
+    *,
+    issuer: str = "acme",
+    source: str = "acme",
+) -> CertEntry:
+    """Build (the slow part: parsing, loading the key) an entry without installing it.
+
+    Raises ``ssl.SSLError`` or ``ValueError`` for bad PEM or a key that does not match.
+    """
+    normalized = tuple(dict.fromkeys(normalize(n) for n in names))
+    if not normalized:
+        raise ValueError("a certificate needs at least one name")
+    leaf = x509.load_pem_x509_certificate(chain_pem)  # the first certificate is the leaf
+    return CertEntry(
+        names=normalized,
+        context=server_context(chain_pem, key_pem),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        issuer=issuer,
+        source=source,
+        serial=f"{leaf.serial_number:X}",
+    )
+
+
+def normalize(name: str) -> str:
+    """The lookup key for a host name: lower case, no trailing dot."""
+    name = name.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """Published state; the dicts are never mutated after construction."""
+
+    entries: dict[str, CertEntry]  # normalized name -> entry (exact and "*." names)
+    contexts: dict[str, ssl.SSLContext]  # the same keys -> entry.context, for the hot path
+    default: CertEntry | None
+    default_name: str | None  # the name whose entry is the default (follows re-issues)
+
+
+_EMPTY = _Snapshot({}, {}, None, None)
+
+
+class CertStore:
+    """The proxy's certificates; implements ``acme_client.interfaces.CertificateSink``."""
+
+    def __init__(self) -> None:
+        self._snapshot = _EMPTY
+        self._write_lock = threading.Lock()
+
+    # -- writers -------------------------------------------------------------------------
+
+    def install(
+        self,
+        names: Sequence[str],
+        chain_pem: bytes,
+        key_pem: bytes,
+        *,
+        issuer: str = "acme",
+        source: str = "acme",
+    ) -> None:
+        """Serve ``chain_pem``/``key_pem`` for ``names`` from the next handshake on."""
+        self.install_entry(make_entry(names, chain_pem, key_pem, issuer=issuer, source=source))
+
+    def install_entry(self, entry: CertEntry) -> CertEntry:
+        """Publish a built entry; it takes over all of its names from earlier entries.
+
+        Names of an earlier entry that the new one does not cover keep the earlier entry. The
+        first entry ever installed becomes the default (see :meth:`set_default`).
+        """
+        with self._write_lock:
+            old = self._snapshot
+            entries = {n: e for n, e in old.entries.items() if n not in entry.names}
+            entries.update(dict.fromkeys(entry.names, entry))
+            default_name = old.default_name if old.default_name in entries else entry.names[0]
+            self._publish(entries, default_name)
+        return entry
+
+    def set_default(self, name: str) -> None:
+        """Serve ``name``'s certificate to clients that send no (or an unknown) server name."""
+        key = normalize(name)
+        with self._write_lock:
+            entries = self._snapshot.entries
+            if key not in entries:
+                raise KeyError(f"no certificate installed for {name!r}")
+            self._publish(dict(entries), key)
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Stop serving ``names`` (unknown names are ignored)."""
+        drop = {normalize(n) for n in names}
+        with self._write_lock:
+            old = self._snapshot
+            self._publish({n: e for n, e in old.entries.items() if n not in drop}, old.default_name)
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Keep only ``names`` (a reload passes every host still configured)."""
+        keep = {normalize(n) for n in names}
+        with self._write_lock:
+            old = self._snapshot
+            self._publish({n: e for n, e in old.entries.items() if n in keep}, old.default_name)
+
+    def _publish(self, entries: dict[str, CertEntry], default_name: str | None) -> None:
+        if default_name not in entries:  # the default's name went away: the oldest entry
+            default_name = next(iter(entries), None)
+        default = entries[default_name] if default_name is not None else None
+        contexts = {n: e.context for n, e in entries.items()}
+        self._snapshot = _Snapshot(entries, contexts, default, default_name)  # the one swap
+
+    # -- readers -------------------------------------------------------------------------
+
+    def lookup(self, server_name: str | None) -> ssl.SSLContext:
+        """The context for a handshake: exact name, then ``*.parent`` (one label), then default.
+
+        Raises ``LookupError`` when nothing is installed.
+        """
+        context = self._find(self._snapshot, server_name)
+        if context is None:
+            raise LookupError("no certificate installed")
+        return context
+
+    @staticmethod
+    def _find(snapshot: _Snapshot, server_name: str | None) -> ssl.SSLContext | None:
+        if server_name:
+            contexts = snapshot.contexts
+            name = normalize(server_name)
+            context = contexts.get(name)
+            if context is not None:
+                return context
+            _, dot, parent = name.partition(".")
+            if dot and parent:
+                context = contexts.get("*." + parent)
+                if context is not None:
+                    return context
+        return snapshot.default.context if snapshot.default is not None else None
+
+    def get(self, name: str) -> CertEntry | None:
+        """The entry installed under exactly ``name`` (no wildcard or default fallback)."""
+        return self._snapshot.entries.get(normalize(name))
+
+    def entries(self) -> list[CertEntry]:
+        """Each distinct installed certificate once, oldest first (``certs`` table, logs)."""
+        unique = {id(e): e for e in self._snapshot.entries.values()}
+        return list(unique.values())
+
+    @property
+    def default(self) -> CertEntry | None:
+        return self._snapshot.default
+
+    # -- the listener --------------------------------------------------------------------
+
+    def listener_context(self) -> ssl.SSLContext:
+        """The context to listen with; it never needs rebuilding when certificates change.
+
+        It carries the TLS policy and no certificate of its own: OpenSSL (1.1.1 and later)
+        calls the SNI callback for every ClientHello, with ``None`` when the client sent no
+        server name, and the callback always switches the connection to the current
+        snapshot's context (the default one for no or unknown names). A certificate loaded
+        into the listener would only go stale. Protocol versions, ciphers and groups come
+        from the listener (OpenSSL keeps them from the first context); certificate and ALPN
+        from the switched one; both are built by :mod:`proxy.tls`, so they agree.
+        """
+        if self._snapshot.default is None:
+            raise LookupError(
+                "no certificate installed: the TLS listener needs at least one "
+                "(configure a site with cert/key files, or an issuer)"
+            )
+        context = policy_context()
+        context.sni_callback = self._sni_callback
+        return context
+
+    def _sni_callback(
+        self,
+        sslobj: ssl.SSLObject | ssl.SSLSocket,
+        server_name: str | None,
+        _listener: ssl.SSLContext,
+    ) -> int | None:
+        context = self._find(self._snapshot, server_name)
+        if context is None:  # everything was removed: refuse rather than fail obscurely
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = context
+        return None

@@ -1,0 +1,635 @@
+"""The typed, frozen configuration of a proxy, and the TOML loader that builds it.
+
+Every problem is reported with the key that caused it (``sites[1].upstreams[0]: ...``),
+all at once, so a user fixes a file in one go.
+
+How the loader works: each value is read by a *converter*, a function that returns the typed
+value or raises ``_Invalid``. Converters for lists and tables catch their items' complaints,
+tag each with the rest of its key path (``[2]``, ``.upstreams[0]``) and raise them together,
+so one pass over the file collects every problem; ``parse_config`` turns them into a
+``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listen address; ``host`` is an IP literal or name without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One origin server, reached over plain HTTP/1.1."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Requests whose path starts with ``path`` go to ``upstreams`` (longest prefix wins)."""
+
+    path: str
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    hosts: tuple[str, ...]  # lower-case; "*.example.com" matches one label
+    upstreams: tuple[Upstream, ...]
+    routes: tuple[Route, ...] = ()  # optional path-prefix routes tried before `upstreams`
+    cert: str | None = None  # PEM chain file; with `key`, overrides [tls].issuer
+    key: str | None = None
+    hsts: str | None = None  # Strict-Transport-Security value added to responses
+
+    @property
+    def name(self) -> str:
+        """The name logs use for the site: its first host."""
+        return self.hosts[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    https_listen: tuple[Address, ...] = (Address("0.0.0.0", 443),)
+    http_listen: tuple[Address, ...] = (Address("0.0.0.0", 80),)
+    https_port: int = 443
+    workers: int | Literal["auto"] = 1
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    admin_listen: Address | None = Address("127.0.0.1", 9901)
+    access_log: Literal["text", "json", "off"] = "text"
+    loop: Literal["uvloop", "asyncio"] = "uvloop"
+    handshake_timeout: float = 10.0  # seconds for a client's TLS handshake
+    keepalive_timeout: float = 75.0  # idle client connection between requests
+    upstream_connect_timeout: float = 5.0  # -> 502 when it runs out
+    upstream_timeout: float = 60.0  # upstream silent this long while we wait -> 504
+    shutdown_timeout: float = 30.0  # how long SIGTERM waits for in-flight requests
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    storage: str = "./tlsproxy-data"
+    issuer: Literal["acme", "internal"] = "acme"
+
+
+@dataclass(frozen=True, slots=True)
+class ACMEConfig:
+    directory: str = LETS_ENCRYPT
+    email: str = ""
+    ca_bundle: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    sites: tuple[Site, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    acme: ACMEConfig = field(default_factory=ACMEConfig)
+
+
+# --- Public API ------------------------------------------------------------------------------
+
+NO_SITES = "at least one site is needed"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` has one line per problem, each naming
+    its key (``sites[1].upstreams[0]: ...``)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__(list(problems))  # args stay picklable
+        self.problems: list[str] = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a TOML file and parse it; an unreadable or malformed file is a ConfigError too, so
+    callers (``run``, ``check``) have a single error to report."""
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError([f"{name}: no such file"]) from None
+    except OSError as error:
+        raise ConfigError([f"{name}: cannot read it: {error.strerror or error}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{name}: not valid TOML: {error}"]) from None
+    return parse_config(data)
+
+
+def parse_config(data: Mapping[str, object]) -> Config:
+    """Build a Config from already-parsed TOML, or raise one ConfigError listing every problem."""
+    return _parse(_config, data, "")
+
+
+def parse_address(text: str, key: str = "address") -> Address:
+    """Parse ``host:port`` (``[::]:443`` for IPv6), e.g. for ``--https-listen``; problems are
+    reported under ``key``."""
+    return _parse(_address, text, key)
+
+
+def parse_upstream(text: str, key: str = "upstream") -> Upstream:
+    """Parse an upstream URL such as ``http://127.0.0.1:8000``, e.g. for ``--to``."""
+    return _parse(_upstream, text, key)
+
+
+def parse_host(text: str, key: str = "host") -> str:
+    """Parse a site's host name (``*.example.com`` allowed), e.g. for ``--from``; lower-cased."""
+    return _parse(_host, text, key)
+
+
+def start_problems(config: Config) -> list[str]:
+    """What the schema accepts but this version cannot run yet, so ``check`` and ``run`` can
+    refuse it up front instead of failing later."""
+    problems: list[str] = []
+    if not config.sites:
+        problems.append(f"sites: {NO_SITES}")
+    workers = config.server.workers
+    if workers != 1:
+        shown = f'"{workers}"' if isinstance(workers, str) else str(workers)
+        problems.append(
+            f"server.workers: {shown}: more than one worker process is not available yet; "
+            "use workers = 1"
+        )
+    if config.tls.storage.lower().startswith("redis://"):
+        problems.append("tls.storage: redis:// storage is not available yet; use a directory path")
+    without_files = [
+        f"sites[{index}] ({site.name})"
+        for index, site in enumerate(config.sites)
+        if site.cert is None or site.key is None
+    ]
+    if config.tls.issuer == "acme" and without_files:
+        problems.append(
+            "tls.issuer: certificates from ACME are not available yet, and "
+            f"{', '.join(without_files)} {'has' if len(without_files) == 1 else 'have'} no "
+            'cert/key files; set issuer = "internal" in [tls], or give each such site cert and '
+            "key files"
+        )
+    return problems
+
+
+# --- The converter machinery -----------------------------------------------------------------
+
+T = TypeVar("T")
+Found = tuple[str, str]  # (key path below the converted value, e.g. ".upstreams[0]"; message)
+
+
+class _Invalid(Exception):
+    """A converter's complaints, each with the key path below the value it was given."""
+
+    def __init__(self, *found: Found) -> None:
+        super().__init__(*found)
+        self.found = found
+
+    def under(self, prefix: str) -> list[Found]:
+        return [(prefix + path, message) for path, message in self.found]
+
+
+def _bad(message: str) -> _Invalid:
+    """A complaint about the value itself (no deeper key)."""
+    return _Invalid(("", message))
+
+
+def _parse(convert: Callable[[object], T], value: object, key: str) -> T:
+    """Run a converter and turn its complaints into user-facing ``key.path: message`` lines."""
+    try:
+        return convert(value)
+    except _Invalid as invalid:
+        problems = []
+        for path, message in invalid.under(key):
+            path = path.removeprefix(".")
+            problems.append(f"{path}: {message}" if path else message)
+        raise ConfigError(problems) from None
+
+
+class _Table:
+    """Reads one TOML table: unknown keys and bad values are collected, raised by done()."""
+
+    def __init__(self, value: object, allowed: Sequence[str]) -> None:
+        if not isinstance(value, Mapping):
+            raise _bad(f"expected a table, got {_describe(value)}")
+        self.data: Mapping[str, object] = value
+        self.found: list[Found] = [
+            ("", f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+            for key in value
+            if key not in allowed
+        ]
+
+    def get(self, key: str, convert: Callable[[object], T], default: T, *, missing: str = "") -> T:
+        """``key``'s converted value, or ``default`` when absent or bad (the problem is noted).
+        A non-empty ``missing`` makes the key required and is the message when it is absent."""
+        if key not in self.data:
+            if missing:
+                self.found.append((f".{key}", missing))
+            return default
+        try:
+            return convert(self.data[key])
+        except _Invalid as invalid:
+            self.found += invalid.under(f".{key}")
+            return default
+
+    def done(self) -> None:
+        if self.found:
+            raise _Invalid(*self.found)
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names: the TOML keys of its table, so the two cannot drift apart."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _items(value: object, empty: str = "") -> Sequence[object]:
+    """A TOML array; a non-empty ``empty`` refuses an empty one with that message."""
+    if not isinstance(value, list | tuple):
+        raise _bad(f"expected a list, got {_describe(value)}")
+    if empty and not value:
+        raise _bad(empty)
+    return value
+
+
+def _list_of(convert: Callable[[object], T], empty: str = "") -> Callable[[object], tuple[T, ...]]:
+    """A converter for a list whose items ``convert`` reads; bad items are named by index."""
+
+    def convert_list(value: object) -> tuple[T, ...]:
+        items: list[T] = []
+        found: list[Found] = []
+        for index, item in enumerate(_items(value, empty)):
+            try:
+                items.append(convert(item))
+            except _Invalid as invalid:
+                found += invalid.under(f"[{index}]")
+        if found:
+            raise _Invalid(*found)
+        return tuple(items)
+
+    return convert_list
+
+
+def _describe(value: object) -> str:
+    """How a wrong value is shown back to the user: its TOML type and (shortened) value."""
+    kinds: tuple[tuple[type | tuple[type, ...], str], ...] = (
+        (bool, "a boolean"),  # before int: bool is an int subclass
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        ((list, tuple), "a list"),
+        (Mapping, "a table"),
+    )
+    kind = next((name for cls, name in kinds if isinstance(value, cls)), type(value).__name__)
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML spells it
+    return f"{kind} ({shown if len(shown) <= 40 else shown[:37] + '...'})"
+
+
+# --- Scalar converters -----------------------------------------------------------------------
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a machine name to bind to or connect to
+_LOCAL = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _nonempty(value: object) -> str:
+    text = _string(value)
+    if not text:
+        raise _bad("must not be empty")
+    return text
+
+
+def _one_of(*choices: T) -> Callable[[object], T]:
+    """A converter accepting exactly one of the string ``choices``."""
+
+    def convert(value: object) -> T:
+        for choice in choices:
+            if isinstance(value, str) and value == choice:
+                return choice
+        allowed = " | ".join(f'"{choice}"' for choice in choices)
+        raise _bad(f"expected {allowed}, got {_describe(value)}")
+
+    return convert
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"expected a port number (1-65535), got {_describe(value)}")
+    if not 1 <= value <= 65535:
+        raise _bad(f"port {value} is out of range (1-65535)")
+    return value
+
+
+def _workers(value: object) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _bad(f'expected a number of processes (1 or more) or "auto", got {_describe(value)}')
+
+
+def _seconds(value: object) -> float:
+    """A duration: a positive, finite int or float (``true`` is not 1 second)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(min(value, math.inf))  # min() keeps huge ints from overflowing float()
+        if 0 < seconds < math.inf:
+            return seconds
+    raise _bad(f"expected a positive number of seconds, got {_describe(value)}")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _address(value: object) -> Address:
+    """A listen address ``host:port``; IPv6 goes in brackets (``[::]:443``)."""
+    text = _string(value)
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        valid_host = ":" in host and _is_ip(host)
+    else:
+        valid_host = ":" not in host and (_is_ip(host) or bool(_NAME.fullmatch(host)))
+    if not (colon and valid_host and port.isascii() and port.isdigit() and len(port) <= 5):
+        raise _bad(f"expected 'host:port' such as '0.0.0.0:443' or '[::]:443', got {text!r}")
+    if not 1 <= int(port) <= 65535:
+        raise _bad(f"{text!r}: port {int(port)} is out of range (1-65535)")
+    return Address(host, int(port))
+
+
+def _address_or_off(value: object) -> Address | None:
+    return None if value == "" else _address(value)
+
+
+def _network(value: object) -> IPNetwork:
+    """A trusted proxy range; a bare address means just that address (/32 or /128)."""
+    text = _string(value)
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _bad(f"expected a network such as '10.0.0.0/8' or an address, got {text!r}") from None
+
+
+def _host(value: object) -> str:
+    """A DNS name a site answers to, as SNI carries it: lower case, no trailing dot."""
+    text = _string(value)
+    name = text.lower().removesuffix(".")
+    if _is_ip(name.strip("[]")):
+        raise _bad(f"{text!r} is an IP address; IP addresses are not allowed, use a DNS name")
+    if not name.isascii():
+        raise _bad(f"{text!r}: write international names in their ASCII form (xn--...)")
+    if ":" in name or "/" in name:
+        raise _bad(f"{text!r}: give the name only, without scheme, port or path")
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise _bad(f"{text!r}: a wildcard needs two more labels, as in '*.example.com'")
+    if "*" in name.removeprefix("*."):
+        raise _bad(f"{text!r}: '*' is allowed only as the whole leftmost label ('*.example.com')")
+    if len(name) > 253:
+        raise _bad(f"{text!r} is longer than 253 characters")
+    for label in labels:
+        if not _LABEL.fullmatch(label):
+            raise _bad(
+                f"{text!r}: label {label!r} must be 1-63 letters, digits or '-' (not first or last)"
+            )
+    return name
+
+
+def _upstream(value: object) -> Upstream:
+    """An origin ``http://host[:port]``; the proxy speaks plain HTTP/1.1 to upstreams."""
+    text = _string(value)
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as error:
+        raise _bad(f"{text!r} is not a valid URL ({error})") from None
+    host = url.hostname or ""
+    if url.scheme == "https":
+        raise _bad(f"{text!r}: only http:// upstreams are supported")
+    if (
+        url.scheme != "http"
+        or not text.isprintable()
+        or " " in text
+        or not (_is_ip(host) or _NAME.fullmatch(host))
+    ):
+        raise _bad(f"expected a URL such as 'http://127.0.0.1:8000', got {text!r}")
+    if "@" in url.netloc:
+        raise _bad(f"{text!r}: user:password@ is not supported")
+    if url.path not in ("", "/") or "?" in text or "#" in text:
+        raise _bad(f"{text!r}: no path, query or fragment allowed (requests keep their own path)")
+    if port == 0:
+        raise _bad(f"{text!r}: port 0 is out of range (1-65535)")
+    return Upstream(host, port or 80)
+
+
+def _header_value(value: object) -> str:
+    text = _nonempty(value)
+    if not (text.isascii() and text.isprintable()):
+        raise _bad("must be printable ASCII on one line (it becomes a header value)")
+    return text
+
+
+def _directory(value: object) -> str:
+    """The ACME directory URL; plain http only to a local test server such as Pebble."""
+    text = _string(value)
+    try:
+        url = urlsplit(text)
+        host = url.hostname if url.port != 0 else None
+    except ValueError:
+        host = None
+    if host and (url.scheme == "https" or (url.scheme == "http" and host in _LOCAL)):
+        return text
+    raise _bad(f"expected an https:// URL (http:// only for localhost), got {text!r}")
+
+
+def _email(value: object) -> str:
+    text = _string(value)
+    local, _, domain = text.partition("@")
+    if text and not (local and domain and "@" not in domain and text.isprintable()):
+        raise _bad(f"expected an address such as 'ops@example.com' (or \"\"), got {text!r}")
+    return text
+
+
+def _route_path(value: object) -> str:
+    text = _string(value)
+    if not (text.startswith("/") and text.isascii() and text.isprintable()) or any(
+        char in text for char in " ?#"
+    ):
+        raise _bad(f"expected a path prefix such as '/api', got {text!r}")
+    return text
+
+
+# --- Tables ----------------------------------------------------------------------------------
+
+_hosts = _list_of(_host, empty="at least one host is needed")
+_upstreams = _list_of(_upstream, empty="at least one upstream is needed")
+
+
+def _server(value: object) -> ServerConfig:
+    t, d = _Table(value, _keys(ServerConfig)), ServerConfig()
+    server = ServerConfig(
+        https_listen=t.get(
+            "https_listen", _list_of(_address, "at least one address is needed"), d.https_listen
+        ),
+        http_listen=t.get("http_listen", _list_of(_address), d.http_listen),
+        https_port=t.get("https_port", _port, d.https_port),
+        workers=t.get("workers", _workers, d.workers),
+        trusted_proxies=t.get("trusted_proxies", _list_of(_network), d.trusted_proxies),
+        admin_listen=t.get("admin_listen", _address_or_off, d.admin_listen),
+        access_log=t.get("access_log", _one_of("text", "json", "off"), d.access_log),
+        loop=t.get("loop", _one_of("uvloop", "asyncio"), d.loop),
+        handshake_timeout=t.get("handshake_timeout", _seconds, d.handshake_timeout),
+        keepalive_timeout=t.get("keepalive_timeout", _seconds, d.keepalive_timeout),
+        upstream_connect_timeout=t.get(
+            "upstream_connect_timeout", _seconds, d.upstream_connect_timeout
+        ),
+        upstream_timeout=t.get("upstream_timeout", _seconds, d.upstream_timeout),
+        shutdown_timeout=t.get("shutdown_timeout", _seconds, d.shutdown_timeout),
+    )
+    t.done()
+    return server
+
+
+def _tls(value: object) -> TLSConfig:
+    t, d = _Table(value, _keys(TLSConfig)), TLSConfig()
+    tls = TLSConfig(
+        storage=t.get("storage", _nonempty, d.storage),
+        issuer=t.get("issuer", _one_of("acme", "internal"), d.issuer),
+    )
+    t.done()
+    return tls
+
+
+def _acme(value: object) -> ACMEConfig:
+    t, d = _Table(value, _keys(ACMEConfig)), ACMEConfig()
+    acme = ACMEConfig(
+        directory=t.get("directory", _directory, d.directory),
+        email=t.get("email", _email, d.email),
+        ca_bundle=t.get("ca_bundle", _string, d.ca_bundle),
+    )
+    t.done()
+    return acme
+
+
+def _route(value: object) -> Route:
+    t = _Table(value, _keys(Route))
+    route = Route(
+        path=t.get("path", _route_path, "/", missing='required, e.g. path = "/api"'),
+        upstreams=t.get("upstreams", _upstreams, (), missing="required: where these requests go"),
+    )
+    t.done()
+    return route
+
+
+def _routes(value: object) -> tuple[Route, ...]:
+    """Path-prefix routes; the same prefix twice would make one of them dead."""
+    routes = _list_of(_route)(value)
+    first: dict[str, int] = {}
+    found: list[Found] = []
+    for index, route in enumerate(routes):
+        if route.path in first:
+            found.append((f"[{index}].path", f"{route.path!r} is also routes[{first[route.path]}]"))
+        first.setdefault(route.path, index)
+    if found:
+        raise _Invalid(*found)
+    return routes
+
+
+def _site(value: object) -> Site:
+    t = _Table(value, _keys(Site))
+    site = Site(
+        hosts=t.get("hosts", _hosts, (), missing="required: the names this site answers to"),
+        upstreams=t.get(
+            "upstreams",
+            _upstreams,
+            (),
+            missing="required: where requests go (the fallback for paths no route matches)",
+        ),
+        routes=t.get("routes", _routes, ()),
+        cert=t.get("cert", _nonempty, None),
+        key=t.get("key", _nonempty, None),
+        hsts=t.get("hsts", _header_value, None),
+    )
+    for present, absent in (("cert", "key"), ("key", "cert")):
+        if present in t.data and absent not in t.data:
+            t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
+    t.done()
+    return site
+
+
+def _clashing_hosts(items: Sequence[object]) -> list[Found]:
+    """A host claimed twice would make routing and certificates ambiguous. Checked on the raw
+    items so that sites with other problems still take part."""
+    owner: dict[str, int] = {}
+    found: list[Found] = []
+    for index, item in enumerate(items):
+        hosts = item.get("hosts") if isinstance(item, Mapping) else None
+        for position, entry in enumerate(hosts if isinstance(hosts, list | tuple) else ()):
+            try:
+                host = _host(entry)
+            except _Invalid:
+                continue  # _site reports it
+            if host in owner:
+                where = "this site" if owner[host] == index else f"sites[{owner[host]}]"
+                found.append((f"[{index}].hosts[{position}]", f"{host!r} is already in {where}"))
+            owner.setdefault(host, index)
+    return found
+
+
+def _sites(value: object) -> tuple[Site, ...]:
+    items = _items(value, NO_SITES)
+    found = _clashing_hosts(items)
+    try:
+        sites = _list_of(_site)(items)
+    except _Invalid as invalid:
+        raise _Invalid(*invalid.found, *found) from None
+    if found:
+        raise _Invalid(*found)
+    return sites
+
+
+def _config(value: object) -> Config:
+    t = _Table(value, _keys(Config))
+    config = Config(  # read in the order a file usually has, so problems come in that order
+        server=t.get("server", _server, ServerConfig()),
+        tls=t.get("tls", _tls, TLSConfig()),
+        acme=t.get("acme", _acme, ACMEConfig()),
+        sites=t.get("sites", _sites, (), missing=NO_SITES),
+    )
+    t.done()
+    return config

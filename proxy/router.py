@@ -1,0 +1,84 @@
+"""Host (and optional path prefix) to site: built once per configuration, read per request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.config import Site
+from proxy.upstream import Balancer, UpstreamPool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a matched request goes: the site (for logs and HSTS) and its balancer."""
+
+    site: Site
+    balancer: Balancer
+    hsts: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRoutes:
+    """A site's path-prefix routes, longest prefix first, and the fallback."""
+
+    prefixes: tuple[tuple[bytes, Route], ...]
+    fallback: Route
+
+    def for_target(self, target: bytes) -> Route:
+        for prefix, route in self.prefixes:
+            if target.startswith(prefix) and (
+                len(target) == len(prefix) or prefix.endswith(b"/") or target[len(prefix)] in b"/?"
+            ):
+                return route
+        return self.fallback
+
+
+class Router:
+    """Maps a request's ``Host`` header to a site: exact name, then ``*.`` one label up."""
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, sites: Sequence[Site], pool: UpstreamPool) -> None:
+        self._exact: dict[str, SiteRoutes] = {}
+        self._wildcard: dict[str, SiteRoutes] = {}
+        self._cache: dict[bytes, SiteRoutes | None] = {}
+        for site in sites:
+            hsts = site.hsts.encode() if site.hsts else None
+            fallback = Route(site, Balancer(site.upstreams, pool), hsts)
+            prefixes = tuple(
+                (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts))
+                for r in sorted(site.routes, key=lambda r: len(r.path), reverse=True)
+            )
+            routes = SiteRoutes(prefixes, fallback)
+            for host in site.hosts:
+                if host.startswith("*."):
+                    self._wildcard[host[2:]] = routes
+                else:
+                    self._exact[host] = routes
+
+    def match(self, host_header: bytes) -> SiteRoutes | None:
+        """The site for a raw ``Host`` value (any case, optional port), or None."""
+        try:
+            return self._cache[host_header]
+        except KeyError:
+            pass
+        found = self._lookup(host_header)
+        if len(self._cache) >= self._CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[host_header] = found
+        return found
+
+    def _lookup(self, host_header: bytes) -> SiteRoutes | None:
+        try:
+            host = host_header.decode("ascii").lower()
+        except UnicodeDecodeError:
+            return None
+        if host.startswith("["):  # IP literals are never site names
+            return None
+        host = host.rsplit(":", 1)[0] if ":" in host else host
+        host = host.removesuffix(".")
+        found = self._exact.get(host)
+        if found is None and "." in host:
+            found = self._wildcard.get(host.split(".", 1)[1])
+        return found

@@ -1,0 +1,228 @@
+"""Connections to upstream servers: a keep-alive pool per origin, round robin, passive health.
+
+The pool is shared by every client connection, so a burst of client connections reuses a
+handful of upstream connections. An upstream that refuses connections is skipped for
+``FAIL_TIMEOUT`` seconds (like nginx's ``max_fails=1 fail_timeout=10s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+import h11
+
+from proxy.config import Upstream
+
+log = logging.getLogger("tlsproxy.upstream")
+
+FAIL_TIMEOUT = 10.0  # seconds an upstream that refused a connection is skipped
+IDLE_TIMEOUT = 4.0  # below uvicorn's 5 s keep-alive, so the upstream rarely closes first
+MAX_IDLE_PER_ORIGIN = 256
+MAX_RESPONSE_HEAD = 64 * 1024
+# (ours, theirs): a finished exchange, or a fresh connection that was never used
+_REUSABLE = {(h11.DONE, h11.DONE), (h11.IDLE, h11.IDLE)}
+
+
+class ResponseHandler(Protocol):
+    """The client-side exchange that currently owns an upstream connection."""
+
+    def upstream_event(self, event: h11.Event) -> None: ...
+
+    def upstream_lost(self, reason: str) -> None: ...
+
+    def upstream_writing_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to an origin; events go to whoever holds it."""
+
+    def __init__(self, upstream: Upstream, pool: UpstreamPool) -> None:
+        self.upstream = upstream
+        self.pool = pool
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.transport: asyncio.Transport | None = None
+        self.handler: ResponseHandler | None = None
+        self.reused = False
+        self.reading_paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is None:  # bytes on an idle connection: nothing can frame them
+            self.close()
+            return
+        self.h11.receive_data(data)
+        self._deliver(handler)
+
+    def eof_received(self) -> bool:
+        handler = self.handler
+        if handler is not None:
+            self.h11.receive_data(b"")
+            self._deliver(handler)
+        return False
+
+    def _deliver(self, handler: ResponseHandler) -> None:
+        try:
+            while self.handler is handler:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    return
+                if type(event) is h11.ConnectionClosed:
+                    handler.upstream_lost("upstream closed the connection")
+                    return
+                handler.upstream_event(event)  # type: ignore[arg-type]
+        except h11.RemoteProtocolError as exc:
+            self.handler = None
+            self.close()
+            handler.upstream_lost(f"invalid HTTP response from upstream: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.upstream_lost(
+                "upstream closed the connection" + (f": {exc}" if exc is not None else "")
+            )
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_writing_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_writing_paused(False)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def write(self, event: h11.Event) -> None:
+        assert self.transport is not None
+        data = self.h11.send(event)
+        if data:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.handler = None
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per origin, and which origins are failing."""
+
+    def __init__(self, connect_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self._idle: dict[Upstream, list[UpstreamConnection]] = {}
+        self._down_until: dict[Upstream, float] = {}
+
+    def take(self, upstream: Upstream) -> UpstreamConnection | None:
+        """A pooled connection to ``upstream`` ready for a request, or None."""
+        idle = self._idle.get(upstream)
+        while idle:
+            conn = idle.pop()
+            if conn.idle_timer is not None:
+                conn.idle_timer.cancel()
+                conn.idle_timer = None
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self, upstream: Upstream) -> UpstreamConnection:
+        """A new connection; raises TimeoutError or OSError (the caller picks 504 or 502)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(upstream, self), upstream.host, upstream.port
+            )
+        self.mark_up(upstream)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Pool ``conn`` when its last exchange ended cleanly on both sides, else close it."""
+        conn.handler = None
+        conn.resume_reading()
+        transport = conn.transport
+        idle = self._idle.setdefault(conn.upstream, [])
+        states = (conn.h11.our_state, conn.h11.their_state)
+        if (
+            transport is None
+            or transport.is_closing()
+            or states not in _REUSABLE
+            or len(idle) >= MAX_IDLE_PER_ORIGIN
+        ):
+            conn.close()
+            return
+        if states[0] is h11.DONE:
+            conn.h11.start_next_cycle()
+        conn.idle_timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, conn.close)
+        idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Drop a closed connection from the idle list."""
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        idle = self._idle.get(conn.upstream)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def is_up(self, upstream: Upstream) -> bool:
+        until = self._down_until.get(upstream)
+        return until is None or until <= time.monotonic()
+
+    def mark_down(self, upstream: Upstream, reason: str) -> None:
+        if self.is_up(upstream):
+            log.warning(
+                "upstream %s failing (%s); skipped for %.0f s", upstream.url, reason, FAIL_TIMEOUT
+            )
+        self._down_until[upstream] = time.monotonic() + FAIL_TIMEOUT
+
+    def mark_up(self, upstream: Upstream) -> None:
+        if self._down_until.pop(upstream, None) is not None:
+            log.info("upstream %s is accepting connections again", upstream.url)
+
+    def close_idle(self) -> None:
+        for idle in self._idle.values():
+            for conn in list(idle):
+                conn.close()
+        self._idle.clear()
+
+
+class Balancer:
+    """Round robin over a site's upstreams, skipping those marked down."""
+
+    def __init__(self, upstreams: Sequence[Upstream], pool: UpstreamPool) -> None:
+        self._upstreams = tuple(upstreams)
+        self._pool = pool
+        self._next = 0
+
+    def pick(self, exclude: frozenset[Upstream] = frozenset()) -> Upstream | None:
+        """The next healthy upstream; when all are down, still try one (it may be back)."""
+        count = len(self._upstreams)
+        start = self._next
+        self._next = (start + 1) % count
+        fallback: Upstream | None = None
+        for i in range(count):
+            upstream = self._upstreams[(start + i) % count]
+            if upstream in exclude:
+                continue
+            if self._pool.is_up(upstream):
+                return upstream
+            if fallback is None:
+                fallback = upstream
+        return fallback
