@@ -29,7 +29,7 @@ async def hello(request: Request) -> dict[str, object]:
         "scheme": request.url.scheme,
         "host": request.headers.get("host"),
         "url": str(request.url),
-        "url_for_docs": str(request.url_for("hello")),
+        "url_for": str(request.url_for("hello")),
         "headers": dict(request.headers),
     }
 

@@ -5,5 +5,6 @@ do not install both in one environment.
 """
 
 from proxy.config import Config, ConfigError, load_config, parse_config
+from proxy.server import Proxy
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["Config", "ConfigError", "Proxy", "load_config", "parse_config"]

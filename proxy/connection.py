@@ -372,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         try:
-            data = self.h11.send(h11.Response(status_code=status, headers=headers))
+            data = self.h11.send(h11.Response(status_code=status, headers=headers, reason=phrase))
             if self.request is None or self.request.method != b"HEAD":
                 data += self.h11.send(h11.Data(data=body))
             data += self.h11.send(h11.EndOfMessage())

@@ -108,7 +108,13 @@ class PlainHTTPProtocol(asyncio.Protocol):
         if close:
             headers.append((b"connection", b"close"))
         try:
-            out = self._h11.send(h11.Response(status_code=answer.status, headers=headers))
+            out = self._h11.send(
+                h11.Response(
+                    status_code=answer.status,
+                    headers=headers,
+                    reason=HTTPStatus(answer.status).phrase,
+                )
+            )
             if request is None or request.method != b"HEAD":
                 out += self._h11.send(h11.Data(data=answer.body))
             out += self._h11.send(h11.EndOfMessage())
