@@ -48,7 +48,8 @@ class AccessLog:
             )
         else:
             log.info(
-                '%s "%s %s HTTP/%s" %d %d %.3fs site=%s upstream=%s',
+                '%s %s "%s %s HTTP/%s" %d %d %.3fs site=%s upstream=%s',
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 client,
                 method.decode("latin-1"),
                 target.decode("latin-1"),

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--https-listen", action="append", metavar="ADDR")
     quick.add_argument("--http-listen", action="append", metavar="ADDR")
     quick.add_argument("--storage", metavar="DIR", help="default ./tlsproxy-data")
+    quick.add_argument(
+        "--admin-listen", default="", metavar="ADDR", help="admin /healthz address (default off)"
+    )
     quick.set_defaults(handler=_reverse_proxy)
 
     check = commands.add_parser("check", help="validate a config file (exit 2 on problems)")
@@ -70,11 +73,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
+    """Diagnostics to stderr; access lines alone on stdout, so JSON lines stay parseable."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    access = logging.getLogger("tlsproxy.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -91,7 +100,7 @@ def _upstream_url(text: str) -> str:
 
 
 def _reverse_proxy(args: argparse.Namespace) -> int:
-    server: dict[str, Any] = {}
+    server: dict[str, Any] = {"admin_listen": args.admin_listen}
     if args.https_listen:
         server["https_listen"] = args.https_listen
     if args.http_listen:
@@ -146,8 +155,6 @@ def _renew(args: argparse.Namespace) -> int:
 def serve(config: Config, reload_config: Callable[[], Config] | None) -> int:
     """Run a proxy until SIGTERM/SIGINT; SIGHUP reloads via ``reload_config``."""
     _setup_logging()
-    if config.server.access_log == "off":
-        logging.getLogger("tlsproxy.access").disabled = True
     return run_loop(config.server.loop, _serve(config, reload_config))
 
 
@@ -163,16 +170,23 @@ def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: Config, reload_config: Callable[[], Config] | None) -> int:
+    from proxy.certsources import CertificateError
     from proxy.server import Proxy
     from proxy.tasks import spawn
 
     proxy = Proxy(config)
+    # Signals wait until the handlers are in place: a SIGTERM during start-up must still
+    # be a clean stop, not the default action.
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         await proxy.start()
-    except OSError as exc:
+    except (OSError, CertificateError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    loop = asyncio.get_running_loop()
+    finally:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, signals)
 
     async def reload() -> None:
         if reload_config is None:
