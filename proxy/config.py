@@ -89,6 +89,14 @@ class ServerConfig:
     upstream_connect_timeout: float = 5.0  # -> 502 when it runs out
     upstream_timeout: float = 60.0  # upstream silent this long while we wait -> 504
     shutdown_timeout: float = 30.0  # how long SIGTERM waits for in-flight requests
+    request_head_timeout: float = 10.0  # the whole request head must arrive within this -> 408
+    request_body_timeout: float = 60.0  # longest pause between request body bytes -> 408
+    websocket_idle_timeout: float = 600.0  # a WebSocket tunnel with no traffic is closed
+    max_header_bytes: int = 32 * 1024  # request line + headers; more -> 431
+    max_headers: int = 100  # header fields in one request; more -> 431
+    max_body_bytes: int = 0  # request body limit (0 = none); more -> 413
+    max_connections: int = 10_000  # open client connections; more are refused at accept
+    unknown_sni: Literal["default", "reject"] = "default"  # reject: unrecognized_name alert
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +374,17 @@ def _seconds(value: object) -> float:
     raise _bad(f"expected a positive number of seconds, got {_describe(value)}")
 
 
+def _count(minimum: int) -> Callable[[object], int]:
+    """A whole number of at least ``minimum`` (bytes, headers, connections)."""
+
+    def convert(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        raise _bad(f"expected a whole number of at least {minimum}, got {_describe(value)}")
+
+    return convert
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -520,6 +539,14 @@ def _server(value: object) -> ServerConfig:
         ),
         upstream_timeout=t.get("upstream_timeout", _seconds, d.upstream_timeout),
         shutdown_timeout=t.get("shutdown_timeout", _seconds, d.shutdown_timeout),
+        request_head_timeout=t.get("request_head_timeout", _seconds, d.request_head_timeout),
+        request_body_timeout=t.get("request_body_timeout", _seconds, d.request_body_timeout),
+        websocket_idle_timeout=t.get("websocket_idle_timeout", _seconds, d.websocket_idle_timeout),
+        max_header_bytes=t.get("max_header_bytes", _count(1024), d.max_header_bytes),
+        max_headers=t.get("max_headers", _count(1), d.max_headers),
+        max_body_bytes=t.get("max_body_bytes", _count(0), d.max_body_bytes),
+        max_connections=t.get("max_connections", _count(1), d.max_connections),
+        unknown_sni=t.get("unknown_sni", _one_of("default", "reject"), d.unknown_sni),
     )
     t.done()
     return server
