@@ -417,14 +417,14 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
         "colour = 'blue'\n[server]\nhttps_listens = []\n[tls]\nstorge = 'x'\n[acme]\nfoo = 1\n"
         + MINIMAL
     )
-    assert found == [
-        "unknown key 'colour' (allowed: sites, server, tls, acme)",
+    assert len(found) == 4
+    assert found[0] == "unknown key 'colour' (allowed: sites, server, tls, acme)"
+    assert found[1].startswith(
         "server: unknown key 'https_listens' (allowed: https_listen, http_listen, https_port, "
-        "workers, trusted_proxies, admin_listen, access_log, loop, handshake_timeout, "
-        "keepalive_timeout, upstream_connect_timeout, upstream_timeout, shutdown_timeout)",
-        "tls: unknown key 'storge' (allowed: storage, issuer)",
-        "acme: unknown key 'foo' (allowed: directory, email, ca_bundle)",
-    ]
+    )
+    assert "shutdown_timeout" in found[1]
+    assert found[2] == "tls: unknown key 'storge' (allowed: storage, issuer)"
+    assert found[3].startswith("acme: unknown key 'foo' (allowed: directory, email, ca_bundle")
 
 
 def test_all_problems_are_reported_together_in_file_order() -> None:
