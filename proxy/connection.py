@@ -1,41 +1,61 @@
 """The client side of the data path: one asyncio Protocol per TLS connection.
 
 Design rules:
-- One request at a time per client connection; pipelined requests wait in h11's buffer and
-  reading pauses until the response is done (bounded buffering, answers in order).
-- Bodies are streamed event by event in both directions, never collected. Backpressure:
-  a full upstream write buffer pauses reading the client, a full client write buffer
-  pauses reading the upstream.
-- Nothing the client sends is forwarded before the request head is complete and routed;
-  errors before the response starts become a readable status, after it the connection is
-  cut so the client can tell the body is incomplete.
+- Requests are answered in order. A pipelined request waits, head parsed and body
+  buffered (bounded: reading pauses), until the one before it has its full response.
+- Bodies stream chunk by chunk in both directions and are re-framed by the proxy, never
+  collected. A full upstream write buffer pauses reading the client; a full client write
+  buffer pauses reading the upstream.
+- Nothing goes upstream before the request head is complete, checked and routed; errors
+  before the response starts become a readable status, after it the connection is cut so
+  the client can tell the body is incomplete.
+- Timeouts are deadlines checked by one sweep per second for all connections (see
+  :meth:`Runtime.sweep`), not a timer per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import cast
 
-import h11
-
 from proxy.accesslog import AccessLog
 from proxy.config import ServerConfig, Upstream
-from proxy.headers import Peer, client_response_headers, upstream_request_headers
+from proxy.headers import (
+    CHUNKED,
+    NO_BODY,
+    UNTIL_CLOSE,
+    HTTPError,
+    Peer,
+    Request,
+    Response,
+    parse_request,
+    parse_response,
+)
+from proxy.http1 import RequestReader
 from proxy.router import Route, Router
 from proxy.tasks import spawn
 from proxy.upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("tlsproxy.proxy")
 
-MAX_REQUEST_HEAD = 64 * 1024
+MAX_PIPELINED = 16  # queued requests before reading from the client pauses
+MAX_BUFFERED = 256 * 1024  # request body bytes buffered while waiting for an upstream
 
 # Reasons to stop reading from the client (bit flags: reading resumes when none is left).
-_CONNECTING = 1  # no upstream connection yet for the current request
+_CONNECTING = 1  # the current request has no upstream connection yet
 _UPSTREAM_FULL = 2  # the upstream's write buffer is above its high-water mark
-_AWAITING = 4  # request complete; its response is not
+_QUEUED = 4  # too much pipelined input is waiting
+_CLOSING = 8  # an answer is being sent before the connection closes
+_UPGRADING = 16  # a WebSocket handshake waits for the upstream's 101
+
+# What a connection's deadline means when it passes.
+_IDLE, _HEAD, _BODY, _UPSTREAM, _TUNNEL = range(5)
+_CHUNK_END = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 @dataclass(slots=True)
@@ -50,151 +70,224 @@ class Runtime:
     draining: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set: draining, none left
 
+    async def sweep_forever(self, interval: float = 1.0) -> None:
+        """Check every connection's deadline once per ``interval`` until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep(loop.time())
+
+    def sweep(self, now: float) -> None:
+        """Expire every connection whose deadline has passed (called about once a second)."""
+        for connection in list(self.connections):
+            if connection.deadline <= now:
+                connection.expire(now)
+
+
+class Exchange:
+    """One request and its response, from the first request byte to the last response byte."""
+
+    __slots__ = (
+        "body_bytes",
+        "head",
+        "method",
+        "pending",
+        "request",
+        "request_done",
+        "response",
+        "route",
+        "sent",
+        "started",
+        "status",
+        "target",
+        "tried",
+        "upstream",
+        "version",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.method = b""
+        self.target = b""
+        self.version = b"1.1"
+        self.request: Request | None = None
+        self.route: Route | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.pending: list[bytes] = []  # framed request body waiting for an upstream
+        self.body_bytes = 0
+        self.request_done = False
+        self.response: Response | None = None
+        self.head = False  # the response head has been sent to the client
+        self.status = 0
+        self.sent = 0
+        self.tried: frozenset[Upstream] = frozenset()
+
 
 class ClientConnection(asyncio.Protocol):
     """Relays requests from one client connection to upstreams and responses back."""
 
     def __init__(self, runtime: Runtime, listen_port: int) -> None:
         self.runtime = runtime
+        self.settings = runtime.settings
         self.listen_port = listen_port
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self.reader = RequestReader(self, self.settings.max_header_bytes, self.settings.max_headers)
+        self.current: Exchange | None = None  # the exchange being answered
+        self.receiving: Exchange | None = None  # the exchange whose request is being read
+        self.queue: deque[Exchange] = deque()
+        self.deferred_error: HTTPError | None = None  # a queued request's refusal, in order
         self.paused = 0
+        self.buffered = 0  # request body bytes held in Exchange.pending
         self.writing_paused = False
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
-        self.request: h11.Request | None = None
-        self.route: Route | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.upstream_request: h11.Request | None = None
-        self.tried: frozenset[Upstream] = frozenset()
-        self.connecting = False
-        self.request_has_body = False
-        self.request_done = False
-        self.response_started = False
-        self.status = 0
-        self.sent = 0
-        self.started = 0.0
-        self.last_upstream_activity = 0.0
-        self.upstream_timer: asyncio.TimerHandle | None = None
+        self.tunnel: UpstreamConnection | None = None
+        self.deadline = 0.0
+        self.deadline_kind = _IDLE
 
     # -- asyncio.Protocol: client side --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
         peername = transport.get_extra_info("peername")
-        self.peer = Peer.from_address(
-            peername[0], self.listen_port, self.runtime.settings.trusted_proxies
-        )
+        self.peer = Peer.from_address(peername[0], self.listen_port, self.settings.trusted_proxies)
         self.runtime.connections.add(self)
-        self._arm_idle_timer()
+        self._set_deadline(_IDLE, self.settings.keepalive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         runtime = self.runtime
         runtime.connections.discard(self)
         if runtime.draining and not runtime.connections:
             runtime.drained.set()
-        self._cancel_timers()
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:  # the exchange is cut short: the upstream cannot be reused
-            upstream.close()
+        exchange = self.current
+        self.current = None
+        self.queue.clear()
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.close()  # cut short: the upstream connection cannot be reused
+            exchange.upstream = None
 
     def data_received(self, data: bytes) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-        self.h11.receive_data(data)
-        self._process()
+        if self.tunnel is not None:
+            self.deadline = self.loop.time() + self.settings.websocket_idle_timeout
+            if self.tunnel.transport is not None:
+                self.tunnel.transport.write(data)
+            return
+        try:
+            rest = self.reader.feed(data)
+        except HTTPError as error:
+            self._refuse(error)
+            return
+        if rest is not None:  # a WebSocket handshake: hold the rest until the upstream agrees
+            self._pause(_UPGRADING)
+            exchange = self.queue[-1] if self.queue else self.current
+            if exchange is not None and rest:
+                exchange.pending.append(rest)
 
     def eof_received(self) -> bool:
-        self.h11.receive_data(b"")
-        self._process()
         return False
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        if self.upstream is not None:
-            self.upstream.pause_reading()
+        upstream = self.tunnel or (self.current.upstream if self.current else None)
+        if upstream is not None:
+            upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.last_upstream_activity = self.loop.time()
-        if self.upstream is not None:
-            self.upstream.resume_reading()
+        upstream = self.tunnel or (self.current.upstream if self.current else None)
+        if upstream is not None:
+            upstream.resume_reading()
+        if self.deadline_kind == _UPSTREAM:
+            self.deadline = self.loop.time() + self.settings.upstream_timeout
 
-    # -- requests ----------------------------------------------------------------------
+    # -- request events (from RequestReader) -------------------------------------------
 
-    def _process(self) -> None:
-        """Pull request events from h11 until it needs data or we must wait."""
-        conn = self.h11
-        while not self.connecting:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fail(exc.error_status_hint, f"bad request: {exc}")
-                return
-            kind = type(event)
-            if kind is h11.Data:
-                self._to_upstream(event)  # type: ignore[arg-type]
-            elif kind is h11.Request:
-                self._begin(event)  # type: ignore[arg-type]
-            elif kind is h11.EndOfMessage:
-                self.request_done = True
-                if self.upstream is not None:
-                    self._to_upstream(event)  # type: ignore[arg-type]
-                    self._arm_upstream_timer()
-            elif event is h11.NEED_DATA:
-                return
-            elif event is h11.PAUSED:
-                self._pause(_AWAITING)
-                return
-            elif kind is h11.ConnectionClosed:
-                if self.transport is not None and self.request is None:
-                    self.transport.close()
-                return
+    def request_begin(self) -> None:
+        exchange = Exchange(self.loop.time())
+        self.receiving = exchange
+        if self.current is None:
+            self.current = exchange
+            self._set_deadline(_HEAD, self.settings.request_head_timeout)
+        else:
+            self.queue.append(exchange)
+            self._check_backlog()
 
-    def _begin(self, request: h11.Request) -> None:
-        self.request = request
-        self.started = self.loop.time()
-        host = b""
-        for name, value in request.headers:
-            if name == b"host":
-                host = value
-                break
-        site = self.runtime.router.match(host)
+    def request_head(
+        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        exchange = self.receiving
+        assert exchange is not None and self.peer is not None
+        exchange.method, exchange.target, exchange.version = method, target, version
+        request = parse_request(method, target, version, headers, self.peer)
+        exchange.request = request
+        site = self.runtime.router.match(request.host)
         if site is None:
-            self._fail(421, f"no site is configured for host {host.decode('latin-1')!r}")
-            return
-        route = site.for_target(request.target) if site.prefixes else site.fallback
-        self.route = route
-        assert self.peer is not None
-        headers = upstream_request_headers(request.headers, self.peer)
-        self.request_has_body = any(
-            (n == b"content-length" and v != b"0") or n == b"transfer-encoding" for n, v in headers
-        )
-        self.upstream_request = h11.Request(
-            method=request.method, target=request.target, headers=headers
-        )
-        upstream = route.balancer.pick()
+            raise HTTPError(421, f"no site is configured for host {request.host!r}")
+        exchange.route = site.for_target(request.target) if site.prefixes else site.fallback
+        limit = self.settings.max_body_bytes
+        if limit and request.length > limit:
+            raise HTTPError(413, f"request body of {request.length} bytes, limit {limit}")
+        if exchange is self.current:
+            if request.framing != NO_BODY:
+                self._set_deadline(_BODY, self.settings.request_body_timeout)
+            self._dispatch(exchange)
+
+    def request_body(self, data: bytes) -> None:
+        exchange = self.receiving
+        assert exchange is not None and exchange.request is not None
+        exchange.body_bytes += len(data)
+        limit = self.settings.max_body_bytes
+        if limit and exchange.body_bytes > limit:
+            raise HTTPError(413, f"request body over the limit of {limit} bytes")
+        if exchange.request.framing == CHUNKED:
+            framed = [b"%x\r\n" % len(data), data, _CHUNK_END]
+        else:
+            framed = [data]
+        upstream = exchange.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.writelines(framed)
+        else:  # no upstream yet (connecting, or a pipelined request): hold it, bounded
+            exchange.pending += framed
+            self.buffered += len(data)
+            self._check_backlog()
+        if exchange is self.current:
+            self.deadline = self.loop.time() + self.settings.request_body_timeout
+
+    def request_end(self) -> None:
+        exchange = self.receiving
+        assert exchange is not None and exchange.request is not None
+        exchange.request_done = True
+        self.receiving = None
+        chunked = exchange.request.framing == CHUNKED
+        upstream = exchange.upstream
+        if upstream is not None and upstream.transport is not None:
+            if chunked:
+                upstream.transport.write(_LAST_CHUNK)
+        elif chunked:
+            exchange.pending.append(_LAST_CHUNK)
+        if exchange is self.current and exchange.response is None:
+            self._set_deadline(_UPSTREAM, self.settings.upstream_timeout)
+
+    # -- upstream connections ----------------------------------------------------------
+
+    def _dispatch(self, exchange: Exchange) -> None:
+        """Send ``exchange`` upstream on a pooled connection, or open one."""
+        assert exchange.route is not None
+        upstream = exchange.route.balancer.pick()
         assert upstream is not None
         conn = self.runtime.pool.take(upstream)
         if conn is not None:
-            self._attach(conn)
+            self._attach(exchange, conn)
         else:
-            self._connect(upstream)
+            self._pause(_CONNECTING)
+            spawn(self._open(exchange, upstream), name=f"connect {upstream.url}")
 
-    def _connect(self, upstream: Upstream) -> None:
-        self.connecting = True
-        self._pause(_CONNECTING)
-        spawn(self._open(upstream), name=f"connect {upstream.url}")
-
-    async def _open(self, upstream: Upstream) -> None:
+    async def _open(self, exchange: Exchange, upstream: Upstream) -> None:
         """Connect, trying the site's other upstreams when one refuses (nothing was sent)."""
-        route = self.route
+        route = exchange.route
         assert route is not None
         pool = self.runtime.pool
         while True:
@@ -204,6 +297,7 @@ class ClientConnection(asyncio.Protocol):
             except TimeoutError:
                 pool.mark_down(upstream, "connect timed out")
                 self._fail(
+                    exchange,
                     504,
                     f"upstream {upstream.url} did not accept within {pool.connect_timeout:g} s",
                     upstream,
@@ -211,110 +305,141 @@ class ClientConnection(asyncio.Protocol):
                 return
             except OSError as exc:
                 pool.mark_down(upstream, exc.strerror or str(exc))
-                self.tried |= {upstream}
-                following = route.balancer.pick(self.tried)
-                if following is None or following in self.tried:
-                    self._fail(
-                        502,
-                        f"upstream {upstream.url} refused the connection: {exc.strerror or exc}",
-                        upstream,
-                    )
+                exchange.tried |= {upstream}
+                following = route.balancer.pick(exchange.tried)
+                if following is None or following in exchange.tried:
+                    why = f"upstream {upstream.url} refused the connection: {exc.strerror or exc}"
+                    self._fail(exchange, 502, why, upstream)
                     return
                 upstream = following
-        if self.transport is None or self.transport.is_closing() or self.request is None:
-            pool.release(conn)  # the client went away; the fresh connection is still good
+        if self.current is not exchange or self.transport is None or self.transport.is_closing():
+            pool.release(conn, reusable=True)  # the client went away; the connection is fresh
             return
-        self.connecting = False
-        self._attach(conn)
-        self._resume(_CONNECTING)
-        self._process()
+        self._attach(exchange, conn)
+        if self.tunnel is None:
+            self._resume(_CONNECTING)
 
-    def _attach(self, conn: UpstreamConnection) -> None:
-        """Send the request head (and the end, if the client already finished) upstream."""
-        assert self.upstream_request is not None
-        self.upstream = conn
-        conn.handler = self
+    def _attach(self, exchange: Exchange, conn: UpstreamConnection) -> None:
+        """Send the request head, and whatever of the body has arrived, upstream."""
+        request = exchange.request
+        assert request is not None and conn.transport is not None
+        exchange.upstream = conn
+        conn.attach(self, exchange.method == b"HEAD")
         if self.writing_paused:
             conn.pause_reading()
-        conn.write(self.upstream_request)
-        if self.request_done:
-            conn.write(h11.EndOfMessage())
-            self._arm_upstream_timer()
+        if exchange.pending:
+            conn.transport.writelines([request.upstream_head, *exchange.pending])
+            exchange.pending = []
+            self.buffered = sum(len(b) for e in self.queue for b in e.pending)
+            self._check_backlog()
+        else:
+            conn.transport.write(request.upstream_head)
+        if exchange.request_done and exchange.response is None:
+            self._set_deadline(_UPSTREAM, self.settings.upstream_timeout)
 
-    def _to_upstream(self, event: h11.Data | h11.EndOfMessage) -> None:
-        upstream = self.upstream
-        if upstream is None:  # already answered locally; the rest of the body is dropped
-            return
-        if type(event) is h11.EndOfMessage:
-            event = h11.EndOfMessage()  # request trailers are not forwarded
-        upstream.write(event)
+    # -- response events (from the upstream's ResponseReader) ---------------------------
 
-    # -- responses (called by UpstreamConnection) ---------------------------------------
-
-    def upstream_event(self, event: h11.Event) -> None:
+    def response_head(
+        self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        exchange = self.current
         transport = self.transport
-        assert transport is not None
-        self.last_upstream_activity = self.loop.time()
-        kind = type(event)
-        if kind is h11.Data:
-            data = self.h11.send(event)
-            self.sent += len(event.data)  # type: ignore[attr-defined]
-            if data:
-                transport.write(data)
-        elif kind is h11.Response:
-            self._respond(event)  # type: ignore[arg-type]
-        elif kind is h11.EndOfMessage:
-            data = self.h11.send(h11.EndOfMessage())
-            if data:
-                transport.write(data)
-            self._finish()
-        elif kind is h11.InformationalResponse:
-            info: h11.InformationalResponse = event  # type: ignore[assignment]
-            if info.status_code != 101:
-                assert self.route is not None
-                headers = client_response_headers(info.headers, None, False)
-                transport.write(
-                    self.h11.send(
-                        h11.InformationalResponse(status_code=info.status_code, headers=headers)
-                    )
+        assert exchange is not None and exchange.route is not None and transport is not None
+        request = exchange.request
+        assert request is not None
+        if status < 200 and status != 101:  # 100 Continue, 103 Early Hints: pass along
+            if exchange.version == b"1.1":
+                interim = parse_response(
+                    status,
+                    reason,
+                    version,
+                    headers,
+                    head_request=False,
+                    client_http10=False,
+                    close=False,
                 )
-
-    def _respond(self, response: h11.Response) -> None:
-        assert self.route is not None and self.transport is not None
-        self.response_started = True
-        self.status = response.status_code
-        headers = client_response_headers(response.headers, self.route.hsts, self.runtime.draining)
-        try:
-            data = self.h11.send(
-                h11.Response(
-                    status_code=response.status_code, headers=headers, reason=response.reason
-                )
-            )
-        except h11.LocalProtocolError as exc:
-            self.response_started = False
-            self._fail(502, f"unusable response from upstream: {exc}", self._upstream_origin())
+                transport.write(interim.head.replace(b"transfer-encoding: chunked\r\n", b""))
             return
-        self.transport.write(data)
+        if status == 101 and not request.websocket:
+            raise HTTPError(502, "upstream switched protocols without being asked to")
+        close = not request.keep_alive or request.websocket or self.runtime.draining
+        response = parse_response(
+            status,
+            reason,
+            version,
+            headers,
+            head_request=exchange.method == b"HEAD",
+            client_http10=exchange.version == b"1.0",
+            close=close,
+            extra=exchange.route.hsts_line,
+        )
+        exchange.response = response
+        exchange.status = status
+        exchange.head = True
+        self.deadline = self.loop.time() + self.settings.upstream_timeout
+        self.deadline_kind = _UPSTREAM
+        transport.write(response.head)
+
+    def response_body(self, data: bytes) -> None:
+        exchange = self.current
+        transport = self.transport
+        assert exchange is not None and exchange.response is not None and transport is not None
+        exchange.sent += len(data)
+        if exchange.response.client_chunked:
+            transport.writelines([b"%x\r\n" % len(data), data, _CHUNK_END])
+        else:
+            transport.write(data)
+        self.deadline = self.loop.time() + self.settings.upstream_timeout
+
+    def response_end(self) -> None:
+        exchange = self.current
+        transport = self.transport
+        assert exchange is not None and transport is not None
+        response = exchange.response
+        if response is None or exchange.status == 101:  # interim, or a tunnel starts
+            return
+        if response.client_chunked:
+            transport.write(_LAST_CHUNK)
+        upstream = exchange.upstream
+        exchange.upstream = None
+        if upstream is not None:
+            self.runtime.pool.release(upstream, response.keep_alive and exchange.request_done)
+        self._log(exchange, upstream.upstream if upstream is not None else None)
+        self._next()
+
+    def upstream_eof(self) -> None:
+        exchange = self.current
+        response = exchange.response if exchange is not None else None
+        if response is not None and response.upstream_framing == UNTIL_CLOSE:
+            self.response_end()
+            return
+        self.upstream_lost("upstream closed the connection")
 
     def upstream_lost(self, reason: str) -> None:
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is None:
+        if self.tunnel is not None:
+            self.tunnel = None
+            if self.transport is not None:
+                self.transport.close()
             return
-        upstream.close()
-        if self.response_started:
-            self._abort(f"{reason} in the middle of the response", upstream.upstream)
-        elif upstream.reused and not self.request_has_body and not self.response_started:
-            # A pooled connection the upstream had closed just as we sent: safe to resend.
-            self._cancel_upstream_timer()
-            self._connect_again(upstream.upstream)
-        else:
-            self._fail(502, reason, upstream.upstream)
-
-    def _connect_again(self, upstream: Upstream) -> None:
-        self.connecting = True
-        self._pause(_CONNECTING)
-        spawn(self._open(upstream), name=f"reconnect {upstream.url}")
+        exchange = self.current
+        if exchange is None or exchange.upstream is None:
+            return
+        conn = exchange.upstream
+        exchange.upstream = None
+        conn.close()
+        request = exchange.request
+        assert request is not None
+        if (
+            not exchange.head
+            and conn.reused
+            and request.framing == NO_BODY
+            and exchange.response is None
+        ):
+            # A pooled connection the upstream closed just as we sent: safe to resend.
+            self._pause(_CONNECTING)
+            spawn(self._open(exchange, conn.upstream), name=f"reconnect {conn.upstream.url}")
+            return
+        self._fail(exchange, 502, reason, conn.upstream)
 
     def upstream_writing_paused(self, paused: bool) -> None:
         if paused:
@@ -322,110 +447,133 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._resume(_UPSTREAM_FULL)
 
-    def _finish(self) -> None:
-        """The response is complete: log, pool the upstream, then the next request."""
-        self._cancel_upstream_timer()
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            self.runtime.pool.release(upstream)
-        self._log_access(upstream.upstream if upstream is not None else None)
-        self._reset_exchange()
-        conn = self.h11
-        if (
-            conn.our_state is h11.DONE
-            and conn.their_state is h11.DONE
-            and not self.runtime.draining
-        ):
-            conn.start_next_cycle()
-            self._resume(_AWAITING)
-            self._arm_idle_timer()
-            self._process()
-        elif self.transport is not None:
-            self.transport.close()
+    # -- WebSocket tunnel --------------------------------------------------------------
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """The upstream answered 101: from now on bytes flow unchanged both ways."""
+        exchange = self.current
+        transport = self.transport
+        assert exchange is not None and transport is not None
+        conn = exchange.upstream
+        if conn is None or exchange.status != 101:
+            self.upstream_lost("upstream upgraded without a 101 response")
+            return
+        self._log(exchange, conn.upstream)
+        conn.tunnel = True
+        self.tunnel = conn
+        self.current = None
+        self._set_deadline(_TUNNEL, self.settings.websocket_idle_timeout)
+        if rest:
+            transport.write(rest)
+        if exchange.pending and conn.transport is not None:
+            conn.transport.writelines(exchange.pending)
+        self._resume(_UPGRADING)
+
+    def tunnel_to_client(self, data: bytes) -> None:
+        self.deadline = self.loop.time() + self.settings.websocket_idle_timeout
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- the end of an exchange --------------------------------------------------------
+
+    def _next(self) -> None:
+        """Move on to the next pipelined request, or wait for one."""
+        exchange = self.current
+        assert exchange is not None and exchange.request is not None
+        transport = self.transport
+        assert transport is not None
+        self.current = None
+        request = exchange.request
+        if not exchange.request_done or not request.keep_alive or request.websocket:
+            transport.close()
+            return
+        if self.runtime.draining:
+            transport.close()
+            return
+        if self.queue:
+            following = self.queue.popleft()
+            self.current = following
+            self._check_backlog()
+            if self.deferred_error is not None and following is self.receiving:
+                self._fail(following, self.deferred_error.status, self.deferred_error.reason, None)
+                return
+            if following.route is None:  # its head is still arriving
+                self._set_deadline(_HEAD, self.settings.request_head_timeout)
+                return
+            if not following.request_done:
+                self._set_deadline(_BODY, self.settings.request_body_timeout)
+            self._dispatch(following)
+            return
+        if self.deferred_error is not None:
+            error = self.deferred_error
+            self._fail(Exchange(self.loop.time()), error.status, error.reason, None)
+            return
+        self._set_deadline(_IDLE, self.settings.keepalive_timeout)
 
     # -- failures ----------------------------------------------------------------------
 
-    def _upstream_origin(self) -> Upstream | None:
-        return self.upstream.upstream if self.upstream is not None else None
-
-    def _fail(self, status: int, why: str, upstream: Upstream | None = None) -> None:
-        """Answer ``status`` ourselves (or cut the connection if a response has started)."""
-        if self.response_started:
-            self._abort(why, upstream)
+    def _refuse(self, error: HTTPError) -> None:
+        """A bad request: answer it in order, then close the connection."""
+        current = self.current
+        if current is not None and self.receiving is not current:
+            self.deferred_error = error  # answer the requests before it first
+            self._pause(_CLOSING)
             return
-        site = self.route.site.name if self.route is not None else "-"
-        origin = upstream.url if upstream is not None else "-"
-        log.warning("%d for %s: site=%s upstream=%s: %s", status, self._client(), site, origin, why)
-        self._cancel_upstream_timer()
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        phrase = HTTPStatus(status).phrase
-        body = f"{status} {phrase}\n".encode()
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
+        exchange = current or self.receiving or Exchange(self.loop.time())
+        self._fail(exchange, error.status, error.reason, None)
+
+    def _fail(self, exchange: Exchange, status: int, why: str, upstream: Upstream | None) -> None:
+        """Answer ``status`` ourselves (or cut the connection if a response has started)."""
         transport = self.transport
+        site = exchange.route.site.name if exchange.route is not None else "-"
+        origin = upstream.url if upstream is not None else "-"
+        client = self.peer.ip if self.peer is not None else "-"
+        if exchange.upstream is not None:
+            exchange.upstream.close()
+            exchange.upstream = None
         if transport is None or transport.is_closing():
             return
-        try:
-            data = self.h11.send(h11.Response(status_code=status, headers=headers, reason=phrase))
-            if self.request is None or self.request.method != b"HEAD":
-                data += self.h11.send(h11.Data(data=body))
-            data += self.h11.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
+        if exchange.head:
+            log.warning(
+                "response to %s cut short: site=%s upstream=%s: %s", client, site, origin, why
+            )
+            self._log(exchange, upstream)
             transport.abort()
             return
-        self.status = status
-        self.sent = len(body)
-        transport.write(data)
-        if self.request is not None:
-            self._log_access(upstream)
-        self._reset_exchange()
-        self.connecting = True  # nothing more is read from this connection
+        log.warning("%d for %s: site=%s upstream=%s: %s", status, client, site, origin, why)
+        phrase = HTTPStatus(status).phrase.encode()
+        body = b"%d %s\n" % (status, phrase)
+        head = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, phrase, len(body))
+        )
+        transport.write(head if exchange.method == b"HEAD" else head + body)
+        exchange.status = status
+        exchange.sent = len(body)
+        if exchange.method:
+            self._log(exchange, upstream)
+        self.current = None
+        self.queue.clear()
+        self._pause(_CLOSING)
         transport.close()
 
-    def _abort(self, why: str, upstream: Upstream | None) -> None:
-        site = self.route.site.name if self.route is not None else "-"
-        origin = upstream.url if upstream is not None else "-"
-        log.warning(
-            "aborted response to %s: site=%s upstream=%s: %s", self._client(), site, origin, why
-        )
-        if self.request is not None:
-            self._log_access(upstream)
-        self._cancel_upstream_timer()
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        self._reset_exchange()
-        self.connecting = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _client(self) -> str:
-        return self.peer.ip if self.peer is not None else "-"
-
-    def _log_access(self, upstream: Upstream | None) -> None:
+    def _log(self, exchange: Exchange, upstream: Upstream | None) -> None:
         access_log = self.runtime.access_log
-        request = self.request
-        if access_log is None or request is None:
+        if access_log is None:
             return
         access_log.request(
-            self._client(),
-            request.method,
-            request.target,
-            request.http_version,
-            self.status,
-            self.sent,
-            self.loop.time() - self.started,
-            self.route.site.name if self.route is not None else "",
+            self.peer.ip if self.peer is not None else "-",
+            exchange.method,
+            exchange.target,
+            exchange.version,
+            exchange.status,
+            exchange.sent,
+            self.loop.time() - exchange.started,
+            exchange.route.site.name if exchange.route is not None else "",
             f"{upstream.host}:{upstream.port}" if upstream is not None else "",
         )
 
-    # -- flow control and timers -------------------------------------------------------
+    # -- flow control and deadlines ----------------------------------------------------
 
     def _pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
@@ -438,51 +586,56 @@ class ClientConnection(asyncio.Protocol):
             if not self.paused and self.transport is not None:
                 self.transport.resume_reading()
 
-    def _arm_idle_timer(self) -> None:
-        self.idle_timer = self.loop.call_later(
-            self.runtime.settings.keepalive_timeout, self._idle_timeout
-        )
+    def _check_backlog(self) -> None:
+        """Stop reading while too much pipelined input waits; read again once it drains."""
+        if len(self.queue) >= MAX_PIPELINED or self.buffered > MAX_BUFFERED:
+            self._pause(_QUEUED)
+        else:
+            self._resume(_QUEUED)
 
-    def _idle_timeout(self) -> None:
-        self.idle_timer = None
-        if self.request is None and self.transport is not None:
-            self.transport.close()
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.loop.time() + seconds
 
-    def _arm_upstream_timer(self) -> None:
-        self.last_upstream_activity = self.loop.time()
-        if self.upstream_timer is None:
-            self.upstream_timer = self.loop.call_later(
-                self.runtime.settings.upstream_timeout, self._upstream_timeout
-            )
-
-    def _upstream_timeout(self) -> None:
-        """Fires at most once per ``upstream_timeout``; re-arms while the upstream is active."""
-        self.upstream_timer = None
-        timeout = self.runtime.settings.upstream_timeout
-        idle = self.loop.time() - self.last_upstream_activity
-        if self.upstream is None:
+    def expire(self, now: float) -> None:
+        """The deadline passed: close, or answer 408/504, as the connection's state says."""
+        kind = self.deadline_kind
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        if self.writing_paused or idle < timeout:
-            self.upstream_timer = self.loop.call_later(
-                timeout - idle if idle < timeout else timeout, self._upstream_timeout
-            )
+        if kind == _UPSTREAM and self.writing_paused:  # the client is slow, not the upstream
+            self.deadline = now + self.settings.upstream_timeout
             return
-        self._fail(504, f"upstream sent nothing for {timeout:g} s", self.upstream.upstream)
-
-    def _cancel_upstream_timer(self) -> None:
-        if self.upstream_timer is not None:
-            self.upstream_timer.cancel()
-            self.upstream_timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_upstream_timer()
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        exchange = self.current
+        if kind in (_IDLE, _TUNNEL) or exchange is None:
+            transport.close()
+        elif kind == _HEAD:
+            self._fail(
+                exchange,
+                408,
+                f"request head not received within {self.settings.request_head_timeout:g} s",
+                None,
+            )
+        elif kind == _BODY:
+            self._fail(
+                exchange,
+                408,
+                f"request body stalled for {self.settings.request_body_timeout:g} s",
+                None,
+            )
+        else:
+            upstream = exchange.upstream.upstream if exchange.upstream is not None else None
+            self._fail(
+                exchange,
+                504,
+                f"upstream sent nothing for {self.settings.upstream_timeout:g} s",
+                upstream,
+            )
+        self.deadline = now + 3600.0
 
     def close_if_idle(self) -> bool:
         """Close now when no request is in flight (graceful shutdown); True if closed."""
-        if self.request is None and self.transport is not None:
+        if self.current is None and self.tunnel is None and self.transport is not None:
             self.transport.close()
             return True
         return False

@@ -1,27 +1,33 @@
-"""Header rewriting between client and upstream: pure functions, no I/O.
+"""What a request or response head may be, and what crosses the proxy: pure, no I/O.
 
-Rules (config-contract.md, "What the upstream receives"): hop-by-hop headers never cross
-the proxy; client-sent forwarding headers are believed only from ``trusted_proxies``;
-``Host`` is forwarded unchanged.
+These rules belong to the proxy, not to the parser: they hold whichever HTTP parser feeds
+them. One pass over the headers both checks and rewrites them:
+- anything an upstream could frame differently from us is refused (RFC 9112 6.3, 11.2):
+  Content-Length with Transfer-Encoding, several or malformed Content-Length values,
+  Transfer-Encoding other than ``chunked`` or on HTTP/1.0, versions other than 1.0/1.1;
+- hop-by-hop headers never cross (RFC 9110 7.6.1), nor what ``Connection`` names;
+- client-sent forwarding headers are believed only from ``trusted_proxies``;
+- ``Host`` is forwarded unchanged and must be one well-formed value.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-Headers = list[tuple[bytes, bytes]]
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
-# RFC 9110 section 7.6.1 plus the legacy names every proxy strips. The framing headers
-# (content-length, transfer-encoding) are kept here because the HTTP layer re-frames the
-# body from them; it never passes the client's framing bytes through.
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
         b"te",
         b"trailer",
+        b"transfer-encoding",  # bodies are re-framed by the proxy, never passed through
         b"upgrade",
         b"proxy-connection",
         b"proxy-authenticate",
@@ -38,6 +44,25 @@ FORWARDING = frozenset(
         b"forwarded",
     }
 )
+_SPECIAL = HOP_BY_HOP | FORWARDING | {b"host", b"content-length", b"expect"}
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB, in any header value
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HOST = re.compile(
+    rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+(?::[0-9]{1,5})?"
+    rb"|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
+)
+_ABSOLUTE = re.compile(rb"https?://([^/?#@]+)([^#]*)", re.IGNORECASE)
+
+
+class HTTPError(Exception):
+    """A request the proxy refuses: the status to answer and why (for the log)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +73,7 @@ class Peer:
     trusted: bool
     port: bytes  # the listener port the client connected to, for X-Forwarded-Port
     forwarded_for: bytes  # the RFC 7239 "for=" value for ``ip``
+    fixed_lines: bytes  # forwarding header lines that do not depend on the request
 
     @classmethod
     def from_address(
@@ -62,72 +88,228 @@ class Peer:
         trusted = any(address in network for network in trusted_networks)
         text = str(address)
         node = f'"[{text}]"' if address.version == 6 else text
-        return cls(text, trusted, str(listen_port).encode(), node.encode())
+        port = str(listen_port).encode()
+        fixed = (
+            b"x-forwarded-for: %s\r\nx-forwarded-proto: https\r\nx-forwarded-port: %s\r\n"
+            b"x-real-ip: %s\r\n" % (text.encode(), port, text.encode())
+        )
+        return cls(text, trusted, port, node.encode(), fixed)
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in ``Connection`` (they are hop-by-hop too, RFC 9110 7.6.1)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A checked request head and the head to send upstream."""
+
+    host: bytes
+    target: bytes  # origin-form, as sent upstream
+    framing: int  # NO_BODY | LENGTH | CHUNKED
+    length: int
+    keep_alive: bool
+    websocket: bool
+    upstream_head: bytes
 
 
-def _quote_if_needed(value: bytes) -> bytes:
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def _quote(value: bytes) -> bytes:
     """RFC 7239 values that are not tokens (a host with a port: ':') must be quoted."""
-    if any(c in value for c in b':[]"; ,='):
-        return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-    return value
+    if _TOKEN.fullmatch(value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def upstream_request_headers(headers: Sequence[tuple[bytes, bytes]], peer: Peer) -> Headers:
-    """The headers to send upstream for a request received from ``peer``."""
-    drop = HOP_BY_HOP
-    if any(name == b"connection" for name, _ in headers):
-        drop = HOP_BY_HOP | connection_tokens(headers)
-    out: Headers = []
-    host = b""
+def _check_fields(headers: RawHeaders) -> None:
+    names = b"".join(name for name, _ in headers)
+    if names and not _TOKEN.fullmatch(names):
+        raise HTTPError(400, "invalid character in a header name")
+    if _BAD_VALUE.search(b"\t".join(value for _, value in headers)):
+        raise HTTPError(400, "control character in a header value (bare CR/LF, NUL or obs-fold)")
+
+
+def parse_request(
+    method: bytes, target: bytes, version: bytes, headers: RawHeaders, peer: Peer
+) -> Request:
+    """Check a request head and build the head to send upstream (raises HTTPError)."""
+    if version != b"1.1" and version != b"1.0":
+        raise HTTPError(505, f"HTTP/{version.decode('latin-1')} is not supported")
+    if method == b"CONNECT":
+        raise HTTPError(501, "CONNECT is not supported by a reverse proxy")
+    _check_fields(headers)
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    upgrade = b""
     received: dict[bytes, bytes] = {}
-    chunked = False
+    lines: list[tuple[bytes, bytes]] = []
     for name, value in headers:
-        if name in drop:
-            continue
-        if name in FORWARDING:
-            if peer.trusted:
-                previous = received.get(name)
-                received[name] = value if previous is None else previous + b", " + value
-            continue
-        if name == b"host":
-            host = value
-        elif name == b"transfer-encoding":
-            chunked = True
-        out.append((name, value))
-    if chunked:  # RFC 9112 6.3: Transfer-Encoding overrides and Content-Length must go
-        out = [(n, v) for n, v in out if n != b"content-length"]
+        lname = name.lower()
+        if lname not in _SPECIAL:
+            lines.append((lname, b"%s: %s\r\n" % (name, value)))
+        elif lname == b"host":
+            hosts.append(value)
+        elif lname == b"content-length":
+            lengths.append(value)
+        elif lname == b"transfer-encoding":
+            codings += _tokens(value) or [b""]
+        elif lname == b"connection":
+            connection += _tokens(value)
+        elif lname == b"upgrade":
+            upgrade = value.strip().lower()
+        elif lname == b"expect":
+            if value.strip().lower() != b"100-continue":
+                raise HTTPError(417, "only 'Expect: 100-continue' is understood")
+            lines.append((lname, b"expect: 100-continue\r\n"))
+        elif lname in FORWARDING and peer.trusted:
+            previous = received.get(lname)
+            received[lname] = value if previous is None else previous + b", " + value
+    if len(hosts) != 1 and version == b"1.1":
+        raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
+    host = hosts[0] if hosts else b""
+    if len(hosts) > 1 or (host and not _HOST.fullmatch(host)):
+        raise HTTPError(400, "invalid Host header")
+    target = _origin_form(method, target, host)
+    if codings:
+        if version == b"1.0":
+            raise HTTPError(400, "Transfer-Encoding on an HTTP/1.0 request")
+        if lengths:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        if codings != [b"chunked"]:
+            raise HTTPError(501, "only 'Transfer-Encoding: chunked' is supported")
+        framing, length = CHUNKED, 0
+    elif lengths:
+        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0]):
+            raise HTTPError(400, "invalid or repeated Content-Length")
+        length = int(lengths[0])
+        framing = LENGTH if length else NO_BODY
+    else:
+        framing, length = NO_BODY, 0
+    websocket = upgrade == b"websocket" and b"upgrade" in connection and method == b"GET"
+    if upgrade and not websocket and b"h2c" in _tokens(upgrade):
+        raise HTTPError(400, "Upgrade: h2c is not supported")
+    named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
+    if named:
+        lines = [line for line in lines if line[0] not in named]
+    head = [method, b" ", target, b" HTTP/1.1\r\n", b"host: ", host, b"\r\n"]
+    head += [line for _, line in lines]
+    if lengths:
+        head.append(b"content-length: %d\r\n" % length)
+    elif framing == CHUNKED:
+        head.append(b"transfer-encoding: chunked\r\n")
+    if websocket:
+        head.append(b"connection: upgrade\r\nupgrade: websocket\r\n")
+    head.append(_forwarding(peer, host, received))
+    head.append(b"\r\n")
+    keep_alive = version == b"1.1" and b"close" not in connection
+    return Request(host, target, framing, length, keep_alive, websocket, b"".join(head))
+
+
+def _origin_form(method: bytes, target: bytes, host: bytes) -> bytes:
+    if target[:1] == b"/":
+        return target
+    if target == b"*" and method == b"OPTIONS":
+        return target
+    absolute = _ABSOLUTE.fullmatch(target)
+    if absolute is None:
+        raise HTTPError(400, "invalid request target")
+    if absolute.group(1).lower() != host.lower():
+        raise HTTPError(400, "the absolute-form target names another host than Host")
+    path = absolute.group(2)
+    return path if path.startswith(b"/") else b"/" + path
+
+
+def _forwarding(peer: Peer, host: bytes, received: dict[bytes, bytes]) -> bytes:
+    element = b"for=" + peer.forwarded_for + b";host=" + _quote(host) + b";proto=https"
+    if not received:
+        return peer.fixed_lines + b"x-forwarded-host: %s\r\nforwarded: %s\r\n" % (host, element)
     ip = peer.ip.encode()
     prior_for = received.get(b"x-forwarded-for")
-    out.append((b"x-forwarded-for", ip if prior_for is None else prior_for + b", " + ip))
-    out.append((b"x-forwarded-proto", received.get(b"x-forwarded-proto", b"https")))
-    out.append((b"x-forwarded-host", received.get(b"x-forwarded-host", host)))
-    out.append((b"x-forwarded-port", received.get(b"x-forwarded-port", peer.port)))
-    out.append((b"x-real-ip", received.get(b"x-real-ip", ip)))
-    element = b"for=" + peer.forwarded_for + b";host=" + _quote_if_needed(host) + b";proto=https"
     prior = received.get(b"forwarded")
-    out.append((b"forwarded", element if prior is None else prior + b", " + element))
-    return out
+    values = (
+        (b"x-forwarded-for", ip if prior_for is None else prior_for + b", " + ip),
+        (b"x-forwarded-proto", received.get(b"x-forwarded-proto", b"https")),
+        (b"x-forwarded-host", received.get(b"x-forwarded-host", host)),
+        (b"x-forwarded-port", received.get(b"x-forwarded-port", peer.port)),
+        (b"x-real-ip", received.get(b"x-real-ip", ip)),
+        (b"forwarded", element if prior is None else prior + b", " + element),
+    )
+    return b"".join(b"%s: %s\r\n" % pair for pair in values)
 
 
-def client_response_headers(
-    headers: Sequence[tuple[bytes, bytes]], hsts: bytes | None, close: bool
-) -> Headers:
-    """The headers to send the client for an upstream response."""
-    drop = HOP_BY_HOP
-    if any(name == b"connection" for name, _ in headers):
-        drop = HOP_BY_HOP | connection_tokens(headers)
-    out: Headers = [(n, v) for n, v in headers if n not in drop]
-    if hsts is not None and not any(n == b"strict-transport-security" for n, _ in out):
-        out.append((b"strict-transport-security", hsts))
-    if close:
-        out.append((b"connection", b"close"))
-    return out
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A checked upstream response head, re-framed for the client."""
+
+    head: bytes
+    upstream_framing: int  # how to read the body from the upstream
+    length: int
+    client_chunked: bool  # the body goes to the client in chunks we frame
+    keep_alive: bool  # the upstream connection may serve another request
+
+
+def parse_response(
+    status: int,
+    reason: bytes,
+    version: bytes,
+    headers: RawHeaders,
+    *,
+    head_request: bool,
+    client_http10: bool,
+    close: bool,
+    extra: bytes = b"",
+) -> Response:
+    """Check an upstream response head and build the head for the client (raises HTTPError).
+
+    ``extra`` is added verbatim (e.g. an HSTS line) unless the upstream set that header.
+    """
+    _check_fields(headers)
+    lines: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    names: set[bytes] = set()
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            lengths.append(value)
+        elif lname == b"transfer-encoding":
+            codings += _tokens(value) or [b""]
+        elif lname == b"connection":
+            connection += _tokens(value)
+        elif lname in HOP_BY_HOP and not (status == 101 and lname == b"upgrade"):
+            continue
+        else:
+            names.add(lname)
+            lines.append(b"%s: %s\r\n" % (name, value))
+    if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(lengths[0])):
+        raise HTTPError(502, "upstream sent an invalid or repeated Content-Length")
+    if codings and (lengths or codings != [b"chunked"]):
+        raise HTTPError(502, "upstream sent a Transfer-Encoding the proxy cannot frame")
+    named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
+    if named:
+        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
+    length = int(lengths[0]) if lengths else 0
+    if head_request or status < 200 or status == 204 or status == 304:
+        framing = NO_BODY
+    elif codings:
+        framing = CHUNKED
+    elif lengths:
+        framing = LENGTH
+    else:
+        framing = UNTIL_CLOSE
+    if lengths and (framing == LENGTH or head_request or status == 304):
+        lines.append(b"content-length: %s\r\n" % lengths[0])
+    chunked = framing in (CHUNKED, UNTIL_CLOSE) and not client_http10
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    if status == 101:
+        lines.append(b"connection: upgrade\r\n")
+    elif close or client_http10:
+        lines.append(b"connection: close\r\n")
+    if extra and extra.split(b":", 1)[0] not in names:
+        lines.append(extra)
+    head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
+    keep_alive = version == b"1.1" and b"close" not in connection and framing != UNTIL_CLOSE
+    return Response(head, framing, length, chunked, keep_alive)

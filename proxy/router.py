@@ -15,7 +15,7 @@ class Route:
 
     site: Site
     balancer: Balancer
-    hsts: bytes | None
+    hsts_line: bytes  # b"strict-transport-security: ...\r\n", or b"" when the site has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class Router:
         self._wildcard: dict[str, SiteRoutes] = {}
         self._cache: dict[bytes, SiteRoutes | None] = {}
         for site in sites:
-            hsts = site.hsts.encode() if site.hsts else None
+            hsts = b"strict-transport-security: %s\r\n" % site.hsts.encode() if site.hsts else b""
             fallback = Route(site, Balancer(site.upstreams, pool), hsts)
             prefixes = tuple(
                 (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts))

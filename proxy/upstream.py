@@ -13,91 +13,92 @@ import time
 from collections.abc import Sequence
 from typing import Protocol, cast
 
-import h11
-
 from proxy.config import Upstream
+from proxy.headers import HTTPError
+from proxy.http1 import ResponseHandler, ResponseReader
 
 log = logging.getLogger("tlsproxy.upstream")
 
 FAIL_TIMEOUT = 10.0  # seconds an upstream that refused a connection is skipped
 IDLE_TIMEOUT = 4.0  # below uvicorn's 5 s keep-alive, so the upstream rarely closes first
 MAX_IDLE_PER_ORIGIN = 256
-MAX_RESPONSE_HEAD = 64 * 1024
-# (ours, theirs): a finished exchange, or a fresh connection that was never used
-_REUSABLE = {(h11.DONE, h11.DONE), (h11.IDLE, h11.IDLE)}
 
 
-class ResponseHandler(Protocol):
-    """The client-side exchange that currently owns an upstream connection."""
-
-    def upstream_event(self, event: h11.Event) -> None: ...
+class Owner(ResponseHandler, Protocol):
+    """The client connection that currently holds an upstream connection."""
 
     def upstream_lost(self, reason: str) -> None: ...
 
+    def upstream_eof(self) -> None: ...
+
+    def upstream_upgraded(self, rest: bytes) -> None: ...
+
     def upstream_writing_paused(self, paused: bool) -> None: ...
+
+    def tunnel_to_client(self, data: bytes) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One HTTP/1.1 connection to an origin; events go to whoever holds it."""
+    """One HTTP/1.1 connection to an origin; its parser reports straight to the owner."""
 
     def __init__(self, upstream: Upstream, pool: UpstreamPool) -> None:
         self.upstream = upstream
         self.pool = pool
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.reader = ResponseReader(_NOBODY)
         self.transport: asyncio.Transport | None = None
-        self.handler: ResponseHandler | None = None
+        self.owner: Owner | None = None
         self.reused = False
+        self.tunnel = False
         self.reading_paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
+
+    def attach(self, owner: Owner, head_request: bool) -> None:
+        self.owner = owner
+        self.reader.handler = owner
+        self.reader.head_request = head_request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
 
     def data_received(self, data: bytes) -> None:
-        handler = self.handler
-        if handler is None:  # bytes on an idle connection: nothing can frame them
+        owner = self.owner
+        if owner is None:  # bytes on an idle connection: nothing can frame them
             self.close()
             return
-        self.h11.receive_data(data)
-        self._deliver(handler)
+        if self.tunnel:
+            owner.tunnel_to_client(data)
+            return
+        try:
+            rest = self.reader.feed(data)
+        except HTTPError as exc:
+            self.owner = None
+            self.close()
+            owner.upstream_lost(exc.reason)
+            return
+        if rest is not None:
+            owner.upstream_upgraded(rest)
 
     def eof_received(self) -> bool:
-        handler = self.handler
-        if handler is not None:
-            self.h11.receive_data(b"")
-            self._deliver(handler)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_eof()
         return False
-
-    def _deliver(self, handler: ResponseHandler) -> None:
-        try:
-            while self.handler is handler:
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA or event is h11.PAUSED:
-                    return
-                if type(event) is h11.ConnectionClosed:
-                    handler.upstream_lost("upstream closed the connection")
-                    return
-                handler.upstream_event(event)  # type: ignore[arg-type]
-        except h11.RemoteProtocolError as exc:
-            self.handler = None
-            self.close()
-            handler.upstream_lost(f"invalid HTTP response from upstream: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
-        handler, self.handler = self.handler, None
-        if handler is not None:
-            handler.upstream_lost(
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_lost(
                 "upstream closed the connection" + (f": {exc}" if exc is not None else "")
             )
 
     def pause_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.upstream_writing_paused(True)
+        if self.owner is not None:
+            self.owner.upstream_writing_paused(True)
 
     def resume_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.upstream_writing_paused(False)
+        if self.owner is not None:
+            self.owner.upstream_writing_paused(False)
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -109,16 +110,28 @@ class UpstreamConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def write(self, event: h11.Event) -> None:
-        assert self.transport is not None
-        data = self.h11.send(event)
-        if data:
-            self.transport.write(data)
-
     def close(self) -> None:
-        self.handler = None
+        self.owner = None
         if self.transport is not None:
             self.transport.close()
+
+
+class _NoBody:
+    """The parser's handler while a connection has no owner: any response is an error."""
+
+    def response_head(
+        self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        raise HTTPError(502, "response without a request")
+
+    def response_body(self, data: bytes) -> None:
+        raise HTTPError(502, "response without a request")
+
+    def response_end(self) -> None:
+        raise HTTPError(502, "response without a request")
+
+
+_NOBODY = _NoBody()
 
 
 class UpstreamPool:
@@ -152,23 +165,21 @@ class UpstreamPool:
         self.mark_up(upstream)
         return conn
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Pool ``conn`` when its last exchange ended cleanly on both sides, else close it."""
-        conn.handler = None
+        conn.owner = None
+        conn.reader.handler = _NOBODY
         conn.resume_reading()
         transport = conn.transport
         idle = self._idle.setdefault(conn.upstream, [])
-        states = (conn.h11.our_state, conn.h11.their_state)
         if (
-            transport is None
+            not reusable
+            or transport is None
             or transport.is_closing()
-            or states not in _REUSABLE
             or len(idle) >= MAX_IDLE_PER_ORIGIN
         ):
             conn.close()
             return
-        if states[0] is h11.DONE:
-            conn.h11.start_next_cycle()
         conn.idle_timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, conn.close)
         idle.append(conn)
 
