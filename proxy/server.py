@@ -55,6 +55,7 @@ class Proxy:
         self._runtime: Runtime | None = None
         self._certs: CertificateManager | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
 
@@ -93,6 +94,7 @@ class Proxy:
             self._close_servers()
             raise
         self._maintenance = spawn(self._certs.run(), name="certificate maintenance")
+        self._sweeper = spawn(self.runtime.sweep_forever(), name="deadlines")
         self._log_summary()
 
     async def _bind_all(self) -> None:
@@ -222,9 +224,10 @@ class Proxy:
                 if connection.transport is not None:
                     connection.transport.abort()
             runtime.pool.close_idle()
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for task in (self._maintenance, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
