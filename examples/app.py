@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
 app = FastAPI(title="tlsproxy example app")
@@ -86,3 +86,16 @@ async def slow(seconds: float = 1.0) -> dict[str, float]:
 @app.api_route("/status/{code}", methods=["GET", "HEAD"])
 async def status(code: int) -> Response:
     return Response(status_code=code)
+
+
+@app.websocket("/ws")
+async def echo(websocket: WebSocket) -> None:
+    """Echo text messages back, prefixed with the client address the app sees."""
+    await websocket.accept()
+    client = websocket.client.host if websocket.client else "?"
+    try:
+        while True:
+            message = await websocket.receive_text()
+            await websocket.send_text(f"{client}: {message}")
+    except WebSocketDisconnect:
+        pass

@@ -142,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         self.buffered = 0  # request body bytes held in Exchange.pending
         self.writing_paused = False
         self.tunnel: UpstreamConnection | None = None
+        self.outbox: list[bytes] | None = None  # upstream writes held while a chunk is parsed
         self.deadline = 0.0
         self.deadline_kind = _IDLE
 
@@ -175,11 +176,21 @@ class ClientConnection(asyncio.Protocol):
             if self.tunnel.transport is not None:
                 self.tunnel.transport.write(data)
             return
+        # Upstream writes wait until the whole chunk is parsed: a bad body in the same
+        # packet then stops the request before any of it leaves, and head and body go out
+        # in one write.
+        outbox = self.outbox = []
         try:
             rest = self.reader.feed(data)
         except HTTPError as error:
+            self.outbox = None
+            if outbox and self.receiving is not self.current:  # the bad one is queued
+                self._send_upstream(outbox)
             self._refuse(error)
             return
+        self.outbox = None
+        if outbox:
+            self._send_upstream(outbox)
         if rest is not None:  # a WebSocket handshake: hold the rest until the upstream agrees
             self._pause(_UPGRADING)
             exchange = self.queue[-1] if self.queue else self.current
@@ -246,9 +257,8 @@ class ClientConnection(asyncio.Protocol):
             framed = [b"%x\r\n" % len(data), data, _CHUNK_END]
         else:
             framed = [data]
-        upstream = exchange.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.writelines(framed)
+        if exchange.upstream is not None:
+            self._send_upstream(framed)
         else:  # no upstream yet (connecting, or a pipelined request): hold it, bounded
             exchange.pending += framed
             self.buffered += len(data)
@@ -261,13 +271,11 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None and exchange.request is not None
         exchange.request_done = True
         self.receiving = None
-        chunked = exchange.request.framing == CHUNKED
-        upstream = exchange.upstream
-        if upstream is not None and upstream.transport is not None:
-            if chunked:
-                upstream.transport.write(_LAST_CHUNK)
-        elif chunked:
-            exchange.pending.append(_LAST_CHUNK)
+        if exchange.request.framing == CHUNKED:
+            if exchange.upstream is not None:
+                self._send_upstream([_LAST_CHUNK])
+            else:
+                exchange.pending.append(_LAST_CHUNK)
         if exchange is self.current and exchange.response is None:
             self._set_deadline(_UPSTREAM, self.settings.upstream_timeout)
 
@@ -327,15 +335,23 @@ class ClientConnection(asyncio.Protocol):
         conn.attach(self, exchange.method == b"HEAD")
         if self.writing_paused:
             conn.pause_reading()
+        self._send_upstream([request.upstream_head, *exchange.pending])
         if exchange.pending:
-            conn.transport.writelines([request.upstream_head, *exchange.pending])
             exchange.pending = []
             self.buffered = sum(len(b) for e in self.queue for b in e.pending)
             self._check_backlog()
-        else:
-            conn.transport.write(request.upstream_head)
         if exchange.request_done and exchange.response is None:
             self._set_deadline(_UPSTREAM, self.settings.upstream_timeout)
+
+    def _send_upstream(self, chunks: list[bytes]) -> None:
+        """Write to the current exchange's upstream, or hold it while a chunk is parsed."""
+        if self.outbox is not None:
+            self.outbox += chunks
+            return
+        exchange = self.current
+        conn = exchange.upstream if exchange is not None else None
+        if conn is not None and conn.transport is not None:
+            conn.transport.writelines(chunks)
 
     # -- response events (from the upstream's ResponseReader) ---------------------------
 
