@@ -143,6 +143,7 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self.tunnel: UpstreamConnection | None = None
         self.outbox: list[bytes] | None = None  # upstream writes held while a chunk is parsed
+        self.client_out: list[bytes] | None = None  # client writes held while one is parsed
         self.deadline = 0.0
         self.deadline_kind = _IDLE
 
@@ -355,6 +356,35 @@ class ClientConnection(asyncio.Protocol):
 
     # -- response events (from the upstream's ResponseReader) ---------------------------
 
+    def upstream_data(self, conn: UpstreamConnection, data: bytes) -> None:
+        """Parse upstream bytes; what they produce for the client leaves in one write."""
+        out = self.client_out = []
+        try:
+            rest = conn.reader.feed(data)
+        except HTTPError as exc:
+            self.client_out = None
+            conn.owner = None
+            conn.close()
+            self.upstream_lost(exc.reason)
+            return
+        if self.client_out is out:
+            self._flush_client()
+        if rest is not None:
+            self.upstream_upgraded(rest)
+
+    def _to_client(self, data: bytes) -> None:
+        out = self.client_out
+        if out is not None:
+            out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def _flush_client(self) -> None:
+        out = self.client_out
+        self.client_out = None
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def response_head(
         self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
@@ -374,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
                     client_http10=False,
                     close=False,
                 )
-                transport.write(interim.head.replace(b"transfer-encoding: chunked\r\n", b""))
+                self._to_client(interim.head.replace(b"transfer-encoding: chunked\r\n", b""))
             return
         if status == 101 and not request.websocket:
             raise HTTPError(502, "upstream switched protocols without being asked to")
@@ -394,7 +424,7 @@ class ClientConnection(asyncio.Protocol):
         exchange.head = True
         self.deadline = self.loop.time() + self.settings.upstream_timeout
         self.deadline_kind = _UPSTREAM
-        transport.write(response.head)
+        self._to_client(response.head)
 
     def response_body(self, data: bytes) -> None:
         exchange = self.current
@@ -402,9 +432,11 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None and exchange.response is not None and transport is not None
         exchange.sent += len(data)
         if exchange.response.client_chunked:
-            transport.writelines([b"%x\r\n" % len(data), data, _CHUNK_END])
+            self._to_client(b"%x\r\n" % len(data))
+            self._to_client(data)
+            self._to_client(_CHUNK_END)
         else:
-            transport.write(data)
+            self._to_client(data)
         self.deadline = self.loop.time() + self.settings.upstream_timeout
 
     def response_end(self) -> None:
@@ -415,7 +447,7 @@ class ClientConnection(asyncio.Protocol):
         if response is None or exchange.status == 101:  # interim, or a tunnel starts
             return
         if response.client_chunked:
-            transport.write(_LAST_CHUNK)
+            self._to_client(_LAST_CHUNK)
         upstream = exchange.upstream
         exchange.upstream = None
         if upstream is not None:
@@ -501,9 +533,11 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         request = exchange.request
         if not exchange.request_done or not request.keep_alive or request.websocket:
+            self._flush_client()
             transport.close()
             return
         if self.runtime.draining:
+            self._flush_client()
             transport.close()
             return
         if self.queue:
@@ -549,6 +583,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.upstream = None
         if transport is None or transport.is_closing():
             return
+        self.client_out = None  # what is held back belongs to the failed response
         if exchange.head:
             log.warning(
                 "response to %s cut short: site=%s upstream=%s: %s", client, site, origin, why

@@ -31,7 +31,7 @@ class Owner(ResponseHandler, Protocol):
 
     def upstream_eof(self) -> None: ...
 
-    def upstream_upgraded(self, rest: bytes) -> None: ...
+    def upstream_data(self, conn: UpstreamConnection, data: bytes) -> None: ...
 
     def upstream_writing_paused(self, paused: bool) -> None: ...
 
@@ -67,16 +67,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.tunnel:
             owner.tunnel_to_client(data)
-            return
-        try:
-            rest = self.reader.feed(data)
-        except HTTPError as exc:
-            self.owner = None
-            self.close()
-            owner.upstream_lost(exc.reason)
-            return
-        if rest is not None:
-            owner.upstream_upgraded(rest)
+        else:
+            owner.upstream_data(self, data)
 
     def eof_received(self) -> bool:
         owner, self.owner = self.owner, None
