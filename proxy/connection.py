@@ -583,14 +583,15 @@ class ClientConnection(asyncio.Protocol):
             exchange.upstream = None
         if transport is None or transport.is_closing():
             return
-        self.client_out = None  # what is held back belongs to the failed response
         if exchange.head:
+            self.client_out = None  # what is held back belongs to the failed response
             log.warning(
                 "response to %s cut short: site=%s upstream=%s: %s", client, site, origin, why
             )
             self._log(exchange, upstream)
             transport.abort()
             return
+        self._flush_client()  # a response before this one may still be held back
         log.warning("%d for %s: site=%s upstream=%s: %s", status, client, site, origin, why)
         phrase = HTTPStatus(status).phrase.encode()
         body = b"%d %s\n" % (status, phrase)
