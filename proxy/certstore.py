@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ssl
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
 
-from proxy.tls import policy_context, server_context
+from proxy.tls import FAILURE_ATTRIBUTE, SNI_ATTRIBUTE, policy_context, server_context
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -159,16 +159,9 @@ class CertStore:
     @staticmethod
     def _find(snapshot: _Snapshot, server_name: str | None) -> ssl.SSLContext | None:
         if server_name:
-            contexts = snapshot.contexts
-            name = normalize(server_name)
-            context = contexts.get(name)
+            context = _match(snapshot.contexts, normalize(server_name))
             if context is not None:
                 return context
-            _, dot, parent = name.partition(".")
-            if dot and parent:
-                context = contexts.get("*." + parent)
-                if context is not None:
-                    return context
         return snapshot.default.context if snapshot.default is not None else None
 
     def get(self, name: str) -> CertEntry | None:
@@ -186,7 +179,7 @@ class CertStore:
 
     # -- the listener --------------------------------------------------------------------
 
-    def listener_context(self) -> ssl.SSLContext:
+    def listener_context(self, reject_unknown: bool | Callable[[], bool] = False) -> ssl.SSLContext:
         """The context to listen with; it never needs rebuilding when certificates change.
 
         It carries the TLS policy and no certificate of its own: OpenSSL (1.1.1 and later)
@@ -196,24 +189,53 @@ class CertStore:
         into the listener would only go stale. Protocol versions, ciphers and groups come
         from the listener (OpenSSL keeps them from the first context); certificate and ALPN
         from the switched one; both are built by :mod:`proxy.tls`, so they agree.
+
+        ``reject_unknown`` (``server.unknown_sni = "reject"``): a server name that matches
+        no certificate, exactly or by wildcard, ends the handshake with the
+        ``unrecognized_name`` alert instead of getting the default certificate. A client
+        that sends no name (one connecting to an IP address) still gets the default. A
+        callable is asked at each such handshake, so a reload can change the policy.
         """
         if self._snapshot.default is None:
             raise LookupError(
                 "no certificate installed: the TLS listener needs at least one "
                 "(configure a site with cert/key files, or an issuer)"
             )
+        policy = reject_unknown if callable(reject_unknown) else _constant(reject_unknown)
+
+        def sni_callback(
+            sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+        ) -> int | None:
+            snapshot = self._snapshot
+            context = None
+            if server_name:
+                name = normalize(server_name)
+                setattr(sslobj, SNI_ATTRIBUTE, name)  # for the Host check: tls.sni_of()
+                context = _match(snapshot.contexts, name)
+                if context is None and policy():
+                    setattr(sslobj, FAILURE_ATTRIBUTE, "unknown_sni")
+                    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            if context is None:
+                if snapshot.default is None:  # everything was removed: refuse plainly
+                    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+                context = snapshot.default.context
+            sslobj.context = context
+            return None
+
         context = policy_context()
-        context.sni_callback = self._sni_callback
+        context.sni_callback = sni_callback
         return context
 
-    def _sni_callback(
-        self,
-        sslobj: ssl.SSLObject | ssl.SSLSocket,
-        server_name: str | None,
-        _listener: ssl.SSLContext,
-    ) -> int | None:
-        context = self._find(self._snapshot, server_name)
-        if context is None:  # everything was removed: refuse rather than fail obscurely
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        sslobj.context = context
-        return None
+
+def _match(contexts: dict[str, ssl.SSLContext], name: str) -> ssl.SSLContext | None:
+    """The context for a normalized name: exact, then ``*.parent`` (one label); no default."""
+    context = contexts.get(name)
+    if context is None:
+        _, dot, parent = name.partition(".")
+        if dot and parent:
+            context = contexts.get("*." + parent)
+    return context
+
+
+def _constant(value: bool) -> Callable[[], bool]:
+    return lambda: value

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import cast
 
+from proxy import metrics
 from proxy.accesslog import AccessLog
 from proxy.config import ServerConfig, Upstream
 from proxy.headers import (
@@ -38,6 +39,7 @@ from proxy.headers import (
 from proxy.http1 import RequestReader
 from proxy.router import Route, Router
 from proxy.tasks import spawn
+from proxy.tls import sni_matches_host, sni_of
 from proxy.upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("tlsproxy.proxy")
@@ -89,6 +91,7 @@ class Exchange:
 
     __slots__ = (
         "body_bytes",
+        "dispatched",
         "head",
         "method",
         "pending",
@@ -121,6 +124,7 @@ class Exchange:
         self.status = 0
         self.sent = 0
         self.tried: frozenset[Upstream] = frozenset()
+        self.dispatched = 0.0  # when the request was handed to an upstream (for metrics)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -133,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
+        self.sni: str | None = None  # the server name the client asked for in its handshake
         self.reader = RequestReader(self, self.settings.max_header_bytes, self.settings.max_headers)
         self.current: Exchange | None = None  # the exchange being answered
         self.receiving: Exchange | None = None  # the exchange whose request is being read
@@ -153,6 +158,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
         peername = transport.get_extra_info("peername")
         self.peer = Peer.from_address(peername[0], self.listen_port, self.settings.trusted_proxies)
+        self.sni = sni_of(transport)
         self.runtime.connections.add(self)
         self._set_deadline(_IDLE, self.settings.keepalive_timeout)
 
@@ -235,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
         exchange.method, exchange.target, exchange.version = method, target, version
         request = parse_request(method, target, version, headers, self.peer)
         exchange.request = request
+        if self.sni is not None and not sni_matches_host(self.sni, request.host):
+            raise HTTPError(421, f"Host {request.host!r} differs from the TLS server name")
         site = self.runtime.router.match(request.host)
         if site is None:
             raise HTTPError(421, f"no site is configured for host {request.host!r}")
@@ -285,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
     def _dispatch(self, exchange: Exchange) -> None:
         """Send ``exchange`` upstream on a pooled connection, or open one."""
         assert exchange.route is not None
+        exchange.dispatched = self.loop.time()
         upstream = exchange.route.balancer.pick()
         assert upstream is not None
         conn = self.runtime.pool.take(upstream)
@@ -304,6 +313,7 @@ class ClientConnection(asyncio.Protocol):
                 conn = await pool.connect(upstream)
                 break
             except TimeoutError:
+                metrics.upstream_error(route.site.name, "timeout")
                 pool.mark_down(upstream, "connect timed out")
                 self._fail(
                     exchange,
@@ -313,6 +323,7 @@ class ClientConnection(asyncio.Protocol):
                 )
                 return
             except OSError as exc:
+                metrics.upstream_error(route.site.name, "refused")
                 pool.mark_down(upstream, exc.strerror or str(exc))
                 exchange.tried |= {upstream}
                 following = route.balancer.pick(exchange.tried)
@@ -365,7 +376,7 @@ class ClientConnection(asyncio.Protocol):
             self.client_out = None
             conn.owner = None
             conn.close()
-            self.upstream_lost(exc.reason)
+            self.upstream_lost(exc.reason, "invalid")
             return
         if self.client_out is out:
             self._flush_client()
@@ -406,6 +417,7 @@ class ClientConnection(asyncio.Protocol):
                 )
                 self._to_client(interim.head.replace(b"transfer-encoding: chunked\r\n", b""))
             return
+        metrics.upstream_response(exchange.route.site.name, self.loop.time() - exchange.dispatched)
         if status == 101 and not request.websocket:
             raise HTTPError(502, "upstream switched protocols without being asked to")
         close = not request.keep_alive or request.websocket or self.runtime.draining
@@ -463,7 +475,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream_lost("upstream closed the connection")
 
-    def upstream_lost(self, reason: str) -> None:
+    def upstream_lost(self, reason: str, kind: metrics.UpstreamError = "reset") -> None:
         if self.tunnel is not None:
             self.tunnel = None
             if self.transport is not None:
@@ -487,6 +499,8 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_CONNECTING)
             spawn(self._open(exchange, conn.upstream), name=f"reconnect {conn.upstream.url}")
             return
+        if exchange.route is not None:
+            metrics.upstream_error(exchange.route.site.name, kind)
         self._fail(exchange, 502, reason, conn.upstream)
 
     def upstream_writing_paused(self, paused: bool) -> None:
@@ -610,6 +624,8 @@ class ClientConnection(asyncio.Protocol):
         transport.close()
 
     def _log(self, exchange: Exchange, upstream: Upstream | None) -> None:
+        route = exchange.route
+        metrics.request_done(route.site.name if route is not None else "-", exchange.status)
         access_log = self.runtime.access_log
         if access_log is None:
             return
@@ -677,6 +693,8 @@ class ClientConnection(asyncio.Protocol):
             )
         else:
             upstream = exchange.upstream.upstream if exchange.upstream is not None else None
+            if exchange.route is not None:
+                metrics.upstream_error(exchange.route.site.name, "timeout")
             self._fail(
                 exchange,
                 504,

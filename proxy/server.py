@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from dataclasses import dataclass
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from proxy import metrics
 from proxy.accesslog import AccessLog
+from proxy.admission import Gate
 from proxy.certsources import CertificateManager
 from proxy.certstore import CertStore
 from proxy.challenge_http import HTTPResponder
@@ -101,7 +104,15 @@ class Proxy:
         loop = asyncio.get_running_loop()
         runtime = self.runtime
         settings = runtime.settings
-        context = self.cert_store.listener_context()
+        context = self.cert_store.listener_context(  # the lambdas see reloaded settings
+            reject_unknown=lambda: runtime.settings.unknown_sni == "reject"
+        )
+        self.gate = Gate(
+            lambda: runtime.settings.max_connections,
+            runtime.connections,
+            settings.handshake_timeout,
+        )
+        self.gate.install(context)
         for address in settings.https_listen:
 
             def client(port: int = address.port) -> ClientConnection:
@@ -128,6 +139,8 @@ class Proxy:
             self._add_server("http", address, server)
         if settings.admin_listen is not None:
             address = settings.admin_listen
+            if not _is_loopback(address.host):
+                log.warning("admin listener on %s: /metrics is open to that network", address)
             server = await loop.create_server(
                 lambda: PlainHTTPProtocol(self._admin, self._plain_connections),
                 address.host,
@@ -144,8 +157,15 @@ class Proxy:
 
     def _admin(self, request: object) -> Answer:
         target = getattr(request, "target", b"")
-        if target == b"/healthz":
+        path = target.partition(b"?")[0]
+        if path == b"/healthz":
             return text(503, "draining") if self.runtime.draining else text(200, "ok")
+        if path == b"/metrics":
+            scraped = [
+                metrics.open_connections(self.gate.open_connections()),
+                metrics.certificates(self.cert_store.entries()),
+            ]
+            return Answer(200, metrics.REGISTRY.render(scraped), content_type=metrics.CONTENT_TYPE)
         return text(404)
 
     def port(self, kind: str = "https") -> int:
@@ -237,3 +257,10 @@ class Proxy:
     def _close_servers(self) -> None:
         for server in self._servers:
             server.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

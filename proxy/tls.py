@@ -13,6 +13,10 @@ Policy (https://ssl-config.mozilla.org/, intermediate, v5.7):
   :func:`_set_groups` for how the list is set, and its fallback.
 - The client picks the cipher (no server preference), no compression, no renegotiation,
   session tickets on, ALPN ``http/1.1``.
+
+The SNI callback (:mod:`proxy.certstore`) records on each connection's ``SSLObject`` the
+server name the client sent; :func:`sni_of` reads it back from the transport, the same way
+on uvloop and on the default asyncio loop (both expose the ``SSLObject`` as ``ssl_object``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger("tlsproxy.tls")
 
@@ -45,6 +50,38 @@ FALLBACK_CURVE = "prime256v1"  # the one group every Mozilla-intermediate client
 ALPN = ["http/1.1"]
 
 _SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
+
+# Attributes the SNI callback sets on a connection's SSLObject (it has a __dict__).
+SNI_ATTRIBUTE = "tlsproxy_sni"  # the normalized server name; absent when none was sent
+FAILURE_ATTRIBUTE = "tlsproxy_failure"  # why the callback ended the handshake, for metrics
+
+
+class _HasExtraInfo(Protocol):
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+
+def sni_of(transport: _HasExtraInfo) -> str | None:
+    """The server name (lower case, no trailing dot) the client sent in its TLS handshake.
+
+    None when it sent none (clients connecting to an IP address) or the transport is not TLS.
+    Cheap but not free (a dict lookup in the transport): call it once per connection.
+    """
+    ssl_object = transport.get_extra_info("ssl_object")
+    name = getattr(ssl_object, SNI_ATTRIBUTE, None)
+    return name if isinstance(name, str) else None
+
+
+def sni_matches_host(sni: str, host: bytes) -> bool:
+    """Whether a ``Host`` value (any case, optional port and trailing dot) names ``sni``.
+
+    For the 421 check: a request for another host than the one the TLS session was set up
+    for (and whose certificate the client checked) must not be routed on that session.
+    """
+    name = host.decode("latin-1").lower()
+    if name.startswith("["):  # an IPv6 literal; clients never send IP addresses as SNI
+        return False
+    name = name.partition(":")[0]
+    return (name[:-1] if name.endswith(".") else name) == sni
 
 
 def policy_context() -> ssl.SSLContext:
