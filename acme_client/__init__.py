@@ -1,7 +1,11 @@
-"""ACME (RFC 8555) certificate issuance for tlsproxy.
+"""ACME (RFC 8555) certificate issuance for tlsproxy, over HTTP-01.
 
 This package never imports :mod:`proxy`; the two meet through the small protocols in
-:mod:`acme_client.interfaces`.
+:mod:`acme_client.interfaces`. Modules, one job each: ``storage`` (shared key/value state
+with locks), ``challenges`` (HTTP-01 tokens in storage), ``keys`` (keys, CSRs, certificate
+facts), ``records`` (the storage layout and metadata), ``network`` (badNonce retries,
+Retry-After, error reports), ``account``, ``issuer`` (one order), ``schedule`` (when to renew
+or retry), ``renewer`` (keeps certificates obtained, renewed and installed).
 """
 
 from acme_client.interfaces import CertificateSink, ChallengeStore, MemoryChallengeStore

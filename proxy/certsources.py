@@ -1,9 +1,10 @@
-"""Where certificates come from in this version: a site's own files, or the internal CA.
+"""Where certificates come from: a site's own files, the internal CA, or an ACME CA.
 
 :class:`CertificateManager` loads every source at start (errors name the site), then keeps
 them fresh in one cancellable loop: file pairs are re-read when they change on disk, internal
 leaves are re-issued when a third of their lifetime remains. A bad update is logged and the
-old certificate keeps serving. ACME-managed sites are not handled here (the renewer is).
+old certificate keeps serving. ACME sites are delegated to :mod:`proxy.acme_sites` (stored
+certificate or a temporary one at start, then ``acme_client``'s renewer).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from proxy import acme_sites
 from proxy.certstore import CertEntry, CertStore, make_entry, normalize
-from proxy.config import Site, TLSConfig
+from proxy.config import ACMEConfig, Site, TLSConfig
 from proxy.internal_ca import DEFAULT_LEAF_LIFETIME, InternalCA, InternalCAError
 from proxy.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
 
@@ -254,12 +257,14 @@ class CertificateStatus:
     last_error: str | None
 
 
-def describe_certificates(sites: Sequence[Site], tls: TLSConfig) -> list[CertificateStatus]:
+def describe_certificates(
+    sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig | None = None
+) -> list[CertificateStatus]:
     """What each site would serve now; never creates or issues anything."""
-    return [_describe(site, tls) for site in sites]
+    return [_describe(site, tls, acme or ACMEConfig()) for site in sites]
 
 
-def _describe(site: Site, tls: TLSConfig) -> CertificateStatus:
+def _describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> CertificateStatus:
     if site.cert is not None or site.key is not None:
         leaf = _read_leaf(Path(site.cert)) if site.cert is not None else None
         not_after = _iso(leaf.not_valid_after_utc) if leaf is not None else "-"
@@ -274,6 +279,11 @@ def _describe(site: Site, tls: TLSConfig) -> CertificateStatus:
         start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         return CertificateStatus(
             site.hosts, "internal", _iso(end), _iso(end - (end - start) / 3), None
+        )
+    if acme_sites.uses_acme(site, tls) and "://" not in tls.storage:
+        status = acme_sites.describe(site, tls, acme)
+        return CertificateStatus(
+            site.hosts, status.issuer, status.not_after, status.next_renewal, status.last_error
         )
     return CertificateStatus(site.hosts, tls.issuer, "-", "-", None)
 
@@ -301,7 +311,7 @@ def _iso(when: datetime) -> str:
 
 
 class CertificateManager:
-    """Loads and maintains every file and internal certificate of a configuration."""
+    """Loads and maintains every certificate of a configuration: files, internal, ACME."""
 
     def __init__(
         self,
@@ -309,6 +319,8 @@ class CertificateManager:
         sites: Sequence[Site],
         tls: TLSConfig,
         *,
+        acme: ACMEConfig | None = None,
+        challenges: ChallengeStore | None = None,
         poll_interval: float = POLL_INTERVAL,
         lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
     ) -> None:
@@ -317,6 +329,9 @@ class CertificateManager:
         self.lifetime = lifetime
         self._sites = tuple(sites)
         self._tls = tls
+        self._acme_config = acme or ACMEConfig()
+        challenges = challenges if challenges is not None else MemoryChallengeStore()
+        self.acme = acme_sites.ACMESites(store, challenges, self._load_ca)
         self._files: list[FileCertificate] = []
         self._internal: list[InternalCertificate] = []
         self._ca: InternalCA | None = None
@@ -331,21 +346,27 @@ class CertificateManager:
         """Load or issue every certificate (blocking: call it in a thread from async code)."""
         self.reload(self._sites, self._tls)
 
-    def reload(self, sites: Sequence[Site], tls: TLSConfig | None = None) -> None:
+    def reload(
+        self, sites: Sequence[Site], tls: TLSConfig | None = None, acme: ACMEConfig | None = None
+    ) -> None:
         """Switch to a new site list (SIGHUP): all sources are prepared before any is installed.
 
         Unchanged sources are kept as they are; names no longer configured stop being served.
         Raises :class:`CertificateError`, leaving the store as it was.
         """
         tls = self._tls if tls is None else tls
+        acme = self._acme_config if acme is None else acme
         with self._lock:
             files, internal = self._sources(sites, tls)
             entries = [s.prepare() for s in files if s.identity not in self._file_ids()]
             entries += [s.prepare() for s in internal if s.entry is None]
-            for entry in entries:
+            plan = self.acme.prepare(sites, tls, acme)
+            for entry in [*entries, *plan.entries]:
                 self.store.install_entry(entry)
             self.store.retain(h for site in sites for h in site.hosts)
+            self.acme.commit(plan)
             self._sites, self._tls, self._files, self._internal = tuple(sites), tls, files, internal
+            self._acme_config = acme
 
     def _file_ids(self) -> set[tuple[object, ...]]:
         return {s.identity for s in self._files}
@@ -399,7 +420,14 @@ class CertificateManager:
                         log.exception("site %s: internal re-issue failed", leaf.site.name)
 
     async def run(self) -> None:
-        """Maintain certificates until cancelled (files every ``poll_interval`` seconds)."""
+        """Maintain certificates until cancelled: files and internal leaves here, ACME sites
+        in their renewer."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._run_local())
+            group.create_task(self.acme.run())
+
+    async def _run_local(self) -> None:
+        """Files every ``poll_interval`` seconds, internal leaves when due."""
         while True:
             now = datetime.now(UTC)
             if self._files or any(leaf.due <= now for leaf in self._internal):

@@ -87,9 +87,15 @@ def _setup_logging() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``run``: the file, with ``TLSPROXY_*`` environment overrides (proxy/envconfig.py) applied
+    at start and on every SIGHUP reload."""
+    from proxy.envconfig import describe, load_config_with_env
+
     path: Path = args.config
-    config = load_config(path)
-    return serve(config, lambda: load_config(path))
+    config = load_config_with_env(path)
+    for line in describe():
+        print(f"tlsproxy: environment sets {line}", file=sys.stderr)
+    return serve(config, lambda: load_config_with_env(path))
 
 
 def _upstream_url(text: str) -> str:
@@ -133,7 +139,7 @@ def _certs(args: argparse.Namespace) -> int:
     rows = [("NAMES", "ISSUER", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR")]
     rows += [
         (" ".join(s.names), s.issuer, s.not_after, s.next_renewal, s.last_error or "-")
-        for s in describe_certificates(config.sites, config.tls)
+        for s in describe_certificates(config.sites, config.tls, config.acme)
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -143,19 +149,34 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _renew(args: argparse.Namespace) -> int:
-    load_config(args.config)
-    print(
-        "tlsproxy: renew: not available yet: it arrives with ACME support; internal and file "
-        "certificates are renewed and reloaded automatically by the running proxy",
-        file=sys.stderr,
-    )
-    return EXIT_CONFIG
+    """``renew``: ACME certificates now (``--force``: even when not due), into storage."""
+    from proxy.acme_renew import renew
+
+    config = load_config(args.config)
+    problems = start_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    _setup_logging()
+    return renew(config, args.hosts, args.force)
 
 
 def serve(config: Config, reload_config: Callable[[], Config] | None) -> int:
-    """Run a proxy until SIGTERM/SIGINT; SIGHUP reloads via ``reload_config``."""
+    """Run a proxy until SIGTERM/SIGINT; SIGHUP reloads via ``reload_config``.
+
+    With ``workers`` above 1 this process becomes the supervisor of that many workers.
+    """
+    from proxy.workers import supervise, worker_count
+
     _setup_logging()
-    return run_loop(config.server.loop, _serve(config, reload_config))
+    problems = start_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    count = worker_count(config.server.workers)
+    if count == 1:
+        return run_loop(config.server.loop, _serve(config, reload_config))
+    return supervise(
+        count, lambda slot: run_loop(config.server.loop, _serve(config, reload_config, True))
+    )
 
 
 def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
@@ -169,12 +190,14 @@ def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def _serve(config: Config, reload_config: Callable[[], Config] | None) -> int:
+async def _serve(
+    config: Config, reload_config: Callable[[], Config] | None, reuse_port: bool = False
+) -> int:
     from proxy.certsources import CertificateError
     from proxy.server import Proxy
     from proxy.tasks import spawn
 
-    proxy = Proxy(config)
+    proxy = Proxy(config, reuse_port=reuse_port)
     # Signals wait until the handlers are in place: a SIGTERM during start-up must still
     # be a clean stop, not the default action.
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}

@@ -109,7 +109,9 @@ class TLSConfig:
 class ACMEConfig:
     directory: str = LETS_ENCRYPT
     email: str = ""
-    ca_bundle: str = ""
+    ca_bundle: str = ""  # CA file trusted for the ACME server's own HTTPS API (Pebble, private CAs)
+    eab_kid: str = ""  # External Account Binding key id, for CAs that require one
+    eab_hmac_key: str = ""  # ... and its base64url HMAC key
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,27 +182,33 @@ def start_problems(config: Config) -> list[str]:
     problems: list[str] = []
     if not config.sites:
         problems.append(f"sites: {NO_SITES}")
-    workers = config.server.workers
-    if workers != 1:
-        shown = f'"{workers}"' if isinstance(workers, str) else str(workers)
-        problems.append(
-            f"server.workers: {shown}: more than one worker process is not available yet; "
-            "use workers = 1"
-        )
     if config.tls.storage.lower().startswith("redis://"):
         problems.append("tls.storage: redis:// storage is not available yet; use a directory path")
-    without_files = [
-        f"sites[{index}] ({site.name})"
+    problems += _acme_problems(config)
+    return problems
+
+
+def _acme_problems(config: Config) -> list[str]:
+    """ACME certificates are validated over HTTP-01, which cannot prove a wildcard name."""
+    if config.tls.issuer != "acme":
+        return []
+    problems: list[str] = []
+    acme_sites = [
+        (index, site)
         for index, site in enumerate(config.sites)
-        if site.cert is None or site.key is None
+        if site.cert is None and site.key is None
     ]
-    if config.tls.issuer == "acme" and without_files:
-        problems.append(
-            "tls.issuer: certificates from ACME are not available yet, and "
-            f"{', '.join(without_files)} {'has' if len(without_files) == 1 else 'have'} no "
-            'cert/key files; set issuer = "internal" in [tls], or give each such site cert and '
-            "key files"
-        )
+    for index, site in acme_sites:
+        for position, host in enumerate(site.hosts):
+            if host.startswith("*."):
+                problems.append(
+                    f"sites[{index}].hosts[{position}]: {host!r}: a wildcard certificate needs "
+                    "the ACME DNS-01 challenge, and this version validates over HTTP-01 only; "
+                    'give this site cert and key files, or use issuer = "internal" in [tls]'
+                )
+    bundle = config.acme.ca_bundle
+    if acme_sites and bundle and not os.path.isfile(bundle):
+        problems.append(f"acme.ca_bundle: {bundle!r}: no such file")
     return problems
 
 
@@ -568,9 +576,22 @@ def _acme(value: object) -> ACMEConfig:
         directory=t.get("directory", _directory, d.directory),
         email=t.get("email", _email, d.email),
         ca_bundle=t.get("ca_bundle", _string, d.ca_bundle),
+        eab_kid=t.get("eab_kid", _string, d.eab_kid),
+        eab_hmac_key=t.get("eab_hmac_key", _eab_key, d.eab_hmac_key),
     )
+    for present, absent in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
+        if t.data.get(present) and not t.data.get(absent):
+            t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
     t.done()
     return acme
+
+
+def _eab_key(value: object) -> str:
+    """The EAB HMAC key as the CA hands it out: base64url, no padding needed."""
+    text = _string(value)
+    if text and not re.fullmatch(r"[A-Za-z0-9_-]+=*", text):
+        raise _bad("expected the base64url HMAC key your CA gave you")
+    return text
 
 
 def _route(value: object) -> Route:

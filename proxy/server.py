@@ -13,9 +13,10 @@ import logging
 from dataclasses import dataclass
 from types import TracebackType
 
-from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from acme_client.interfaces import ChallengeStore
 from proxy import metrics
 from proxy.accesslog import AccessLog
+from proxy.acme_sites import challenge_store_for
 from proxy.admission import Gate
 from proxy.certsources import CertificateManager
 from proxy.certstore import CertStore
@@ -48,9 +49,12 @@ class Proxy:
         *,
         challenges: ChallengeStore | None = None,
         cert_store: CertStore | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
-        self.challenges = challenges if challenges is not None else MemoryChallengeStore()
+        self.reuse_port = reuse_port  # several workers share the ports (SO_REUSEPORT)
+        # ACME tokens live in storage by default: `tlsproxy renew` and replicas share them
+        self.challenges = challenges if challenges is not None else challenge_store_for(config.tls)
         self.cert_store = cert_store if cert_store is not None else CertStore()
         self.listeners: list[Listener] = []
         self._servers: list[asyncio.Server] = []
@@ -86,7 +90,13 @@ class Proxy:
         if problems:
             raise ConfigError(problems)
         settings = config.server
-        self._certs = CertificateManager(self.cert_store, config.sites, config.tls)
+        self._certs = CertificateManager(
+            self.cert_store,
+            config.sites,
+            config.tls,
+            acme=config.acme,
+            challenges=self.challenges,
+        )
         await asyncio.to_thread(self._certs.load_all)
         pool = UpstreamPool(settings.upstream_connect_timeout)
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
@@ -125,6 +135,7 @@ class Proxy:
                 ssl=context,
                 ssl_handshake_timeout=settings.handshake_timeout,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
                 backlog=2048,
             )
             self._add_server("https", address, server)
@@ -135,6 +146,7 @@ class Proxy:
                 address.host,
                 address.port,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._add_server("http", address, server)
         if settings.admin_listen is not None:
@@ -146,6 +158,7 @@ class Proxy:
                 address.host,
                 address.port,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._add_server("admin", address, server)
 
@@ -211,7 +224,7 @@ class Proxy:
         ):
             log.warning("reload: listen addresses changed; they take effect on restart")
         assert self._certs is not None
-        await asyncio.to_thread(self._certs.reload, config.sites, config.tls)
+        await asyncio.to_thread(self._certs.reload, config.sites, config.tls, config.acme)
         runtime = self.runtime
         runtime.settings = new
         runtime.pool.connect_timeout = new.upstream_connect_timeout

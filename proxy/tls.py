@@ -68,7 +68,15 @@ def sni_of(transport: _HasExtraInfo) -> str | None:
     """
     ssl_object = transport.get_extra_info("ssl_object")
     name = getattr(ssl_object, SNI_ATTRIBUTE, None)
-    return name if isinstance(name, str) else None
+    if not isinstance(name, str) or _is_ip_literal(name):
+        return None  # RFC 6066 forbids IP addresses as SNI, but some clients (wrk) send them
+    return name
+
+
+def _is_ip_literal(name: str) -> bool:
+    if ":" in name:
+        return True
+    return name.replace(".", "").isdigit()
 
 
 def sni_matches_host(sni: str, host: bytes) -> bool:

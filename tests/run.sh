@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 apt_packages=()
 command -v curl >/dev/null || apt_packages+=(curl)
 command -v openssl >/dev/null || apt_packages+=(openssl)
+# Pebble, Let's Encrypt's test CA, for the ACME tests (tests/pebble.py)
+command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || apt_packages+=(pebble)
 command -v python3 >/dev/null || apt_packages+=(python3)
 if command -v python3 >/dev/null && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   apt_packages+=(python3-venv)

@@ -1,0 +1,257 @@
+"""ACME-managed sites inside the proxy: ``acme_client``'s renewer wired to the certificate store.
+
+Sites without cert/key files under ``issuer = "acme"`` get their certificates from the CA in
+``[acme]``. At start a valid stored certificate is served at once; a site without one gets a
+temporary certificate from the internal CA (so handshakes work and the log says why) until
+the renewer installs the real one. The renewer runs for the life of the proxy and installs
+renewals, and certificates other processes (``tlsproxy renew``) put in storage, without a
+restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from acme_client.account import ACMESettings
+from acme_client.challenges import StorageChallengeStore
+from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from acme_client.records import CertificateRecords
+from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
+from acme_client.storage import FileStorage
+from proxy.certstore import CertEntry, CertStore, make_entry
+from proxy.config import ACMEConfig, Site, TLSConfig
+from proxy.internal_ca import InternalCA
+
+log = logging.getLogger("tlsproxy.certs")
+
+TEMPORARY_LIFETIME = timedelta(days=7)
+TEMPORARY_SOURCE = "temporary: waiting for the ACME certificate"
+TEMPORARY_CHECK = 60.0  # seconds between checks whether a temporary certificate needs renewing
+IDLE = 1.0  # seconds between looks for a renewer while no site uses ACME
+
+
+def settings_for(acme: ACMEConfig) -> ACMESettings:
+    return ACMESettings(
+        directory=acme.directory,
+        email=acme.email,
+        ca_bundle=acme.ca_bundle,
+        eab_kid=acme.eab_kid,
+        eab_hmac_key=acme.eab_hmac_key,
+    )
+
+
+def challenge_store_for(tls: TLSConfig) -> ChallengeStore:
+    """Tokens in storage, so every process sharing it (and ``tlsproxy renew``) can answer."""
+    if "://" in tls.storage:
+        return MemoryChallengeStore()
+    return StorageChallengeStore(FileStorage(tls.storage))
+
+
+def uses_acme(site: Site, tls: TLSConfig) -> bool:
+    return tls.issuer == "acme" and site.cert is None and site.key is None
+
+
+def request_for(site: Site) -> CertificateRequest:
+    from proxy.certsources import safe_name
+
+    return CertificateRequest(safe_name(site.name), site.hosts)
+
+
+def ca_label(directory: str) -> str:
+    """``acme:<CA host>`` for the ``certs`` table's issuer column."""
+    return f"acme:{urlsplit(directory).netloc or directory}"
+
+
+class _Sink:
+    """The certificate store as the renewer's ``CertificateSink``, labelled with the CA."""
+
+    def __init__(self, owner: ACMESites, store: CertStore, directory: str) -> None:
+        self.owner = owner
+        self.store = store
+        self.directory = directory
+
+    def install(self, names: Sequence[str], chain_pem: bytes, key_pem: bytes) -> None:
+        self.store.install(names, chain_pem, key_pem, issuer="acme", source=self.directory)
+        self.owner.temporary.pop(tuple(names), None)
+
+
+@dataclass
+class Plan:
+    """What :meth:`ACMESites.prepare` found; :meth:`ACMESites.commit` applies it."""
+
+    renewer: Renewer | None
+    requests: list[CertificateRequest]
+    storage: str = ""
+    entries: list[CertEntry] = field(default_factory=list)
+    installed: dict[str, str] = field(default_factory=dict)  # site -> serial of stored certs
+    temporary: dict[tuple[str, ...], tuple[Site, Path]] = field(default_factory=dict)
+
+
+class ACMESites:
+    """The ACME part of the certificate manager."""
+
+    def __init__(
+        self,
+        store: CertStore,
+        challenges: ChallengeStore,
+        load_ca: Callable[[Site, Path], InternalCA],
+    ) -> None:
+        self.store = store
+        self.challenges = challenges
+        self.load_ca = load_ca
+        self.renewer: Renewer | None = None
+        self.temporary: dict[tuple[str, ...], tuple[Site, Path]] = {}  # names -> site, storage
+        self._key: tuple[ACMESettings, str] | None = None
+        self._requests: list[CertificateRequest] = []
+
+    def prepare(self, sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig) -> Plan:
+        """Certificates to install now for ``sites`` (stored or temporary); nothing changes yet.
+
+        Blocking (storage reads, the internal CA): call it in a thread from async code.
+        """
+        sites = [s for s in sites if uses_acme(s, tls)]
+        if not sites:
+            return Plan(None, [])
+        settings = settings_for(acme)
+        renewer = self.renewer
+        if renewer is None or self._key != (settings, tls.storage):
+            storage = FileStorage(tls.storage)
+            renewer = Renewer(
+                settings, storage, self.challenges, _Sink(self, self.store, acme.directory)
+            )
+        plan = Plan(renewer, [request_for(s) for s in sites], tls.storage)
+        for site, request in zip(sites, plan.requests, strict=True):
+            if renewer is self.renewer and request in self._requests:
+                continue  # already served: the store has it, the renewer keeps it fresh
+            stored = renewer.stored(request)
+            if stored is not None:
+                plan.entries.append(
+                    make_entry(
+                        site.hosts,
+                        stored.chain_pem,
+                        stored.key_pem,
+                        issuer="acme",
+                        source=acme.directory,
+                    )
+                )
+                plan.installed[request.site] = stored.info.serial
+                log.info(
+                    "site %s: using the stored ACME certificate serial %s (valid until %s, "
+                    "renewal due %s)",
+                    site.name,
+                    stored.info.serial,
+                    _iso(stored.info.not_after),
+                    _iso(due_time(stored)),
+                )
+            elif not self._serving(site):
+                plan.entries.append(self._temporary(site, Path(tls.storage)))
+                plan.temporary[site.hosts] = (site, Path(tls.storage))
+        return plan
+
+    def _serving(self, site: Site) -> bool:
+        """A reload that changes the CA keeps the current ACME certificate until the new CA
+        has issued one (rather than falling back to a temporary certificate)."""
+        entry = self.store.get(site.hosts[0])
+        return (
+            entry is not None
+            and entry.issuer == "acme"
+            and set(site.hosts) <= set(entry.names)
+            and entry.not_before <= datetime.now(UTC) < entry.not_after
+        )
+
+    def _temporary(self, site: Site, storage: Path) -> CertEntry:
+        ca = self.load_ca(site, storage)
+        chain_pem, key_pem = ca.issue(site.hosts, TEMPORARY_LIFETIME)
+        log.warning(
+            "site %s: no ACME certificate in storage yet: serving a temporary certificate from "
+            "the internal CA (not publicly trusted) until the CA issues one",
+            site.name,
+        )
+        return make_entry(
+            site.hosts, chain_pem, key_pem, issuer="internal", source=TEMPORARY_SOURCE
+        )
+
+    def commit(self, plan: Plan) -> None:
+        """After the plan's entries are installed: switch renewers, manage the new site list."""
+        if plan.renewer is not self.renewer and self.renewer is not None:
+            self.renewer.close()
+        self.renewer = plan.renewer
+        wanted = {r.names for r in plan.requests}
+        kept = {names: value for names, value in self.temporary.items() if names in wanted}
+        self.temporary = kept | plan.temporary
+        self._requests = plan.requests
+        if plan.renewer is None:
+            self._key = None
+            return
+        self._key = (plan.renewer.settings, plan.storage)
+        plan.renewer.manage(plan.requests, plan.installed)
+
+    async def run(self) -> None:
+        """Run the current renewer (and its successors after reloads) until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._run_renewers())
+            group.create_task(self._keep_temporaries())
+
+    async def _run_renewers(self) -> None:
+        while True:
+            renewer = self.renewer
+            if renewer is None:
+                await asyncio.sleep(IDLE)
+                continue
+            await renewer.run()  # returns once a reload has replaced (closed) it
+
+    async def _keep_temporaries(self) -> None:
+        """A temporary certificate outlives a long CA outage: re-issue it before it expires."""
+        while True:
+            await asyncio.sleep(TEMPORARY_CHECK)
+            now = datetime.now(UTC)
+            for names, (site, storage) in list(self.temporary.items()):
+                entry = self.store.get(names[0])
+                if entry is None or entry.source != TEMPORARY_SOURCE:
+                    continue
+                if now >= entry.not_after - (entry.not_after - entry.not_before) / 3:
+                    try:
+                        new = await asyncio.to_thread(self._temporary, site, storage)
+                    except Exception:
+                        log.exception("site %s: temporary certificate failed", site.name)
+                        continue
+                    if names in self.temporary:
+                        self.store.install_entry(new)
+
+
+@dataclass(frozen=True, slots=True)
+class ACMEStatus:
+    """One ``certs`` row for an ACME site, read from storage (no CA contact)."""
+
+    not_after: str
+    next_renewal: str
+    last_error: str | None
+    issuer: str
+
+
+def describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> ACMEStatus:
+    records = CertificateRecords(FileStorage(tls.storage), acme.directory)
+    request = request_for(site)
+    meta, stored = records.load(request.site)
+    now = datetime.now(UTC)
+    current = usable(stored, request.names, now)
+    label = ca_label(acme.directory)
+    retry = meta.next_attempt if meta is not None and meta.failures else None
+    error = meta.last_error if meta is not None else None
+    if current is None:
+        when = _iso(retry) if retry is not None else "when the proxy starts"
+        return ACMEStatus("-", when, error, label)
+    due = due_time(current)
+    if retry is not None:
+        due = max(due, retry)
+    return ACMEStatus(_iso(current.info.not_after), _iso(due), error, label)
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds")

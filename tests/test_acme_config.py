@@ -1,0 +1,99 @@
+"""The ``[acme]`` table and what ``check``/``run``/``certs``/``renew`` say about ACME sites
+(no CA needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import ACMEConfig, ConfigError, parse_config, start_problems
+from tests.support import ROOT, to_toml
+
+UPSTREAM = ["http://127.0.0.1:8000"]
+
+
+def config_with(acme: dict[str, Any] | None = None, **site: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"sites": [{"hosts": ["a.test"], "upstreams": UPSTREAM, **site}]}
+    if acme is not None:
+        data["acme"] = acme
+    return data
+
+
+def test_acme_sites_are_accepted() -> None:
+    config = parse_config(config_with())
+    assert config.tls.issuer == "acme"
+    assert start_problems(config) == []
+
+
+def test_wildcard_hosts_cannot_be_validated_over_http01() -> None:
+    config = parse_config(config_with(hosts=["a.test", "*.apps.a.test"]))
+    (problem,) = start_problems(config)
+    assert problem.startswith("sites[0].hosts[1]: '*.apps.a.test': a wildcard certificate needs")
+    assert "DNS-01" in problem
+    # with its own files, or from the internal CA, a wildcard site is fine
+    files = config_with(hosts=["*.apps.a.test"], cert="/c.pem", key="/k.pem")
+    assert start_problems(parse_config(files)) == []
+    internal = config_with(hosts=["*.apps.a.test"]) | {"tls": {"issuer": "internal"}}
+    assert start_problems(parse_config(internal)) == []
+
+
+def test_external_account_binding_keys() -> None:
+    config = parse_config(config_with({"eab_kid": "kid-1", "eab_hmac_key": "zWNDZM6e_-Q="}))
+    assert config.acme == ACMEConfig(eab_kid="kid-1", eab_hmac_key="zWNDZM6e_-Q=")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config_with({"eab_kid": "kid-1"}))
+    assert caught.value.problems == [
+        "acme.eab_hmac_key: missing: eab_kid is set, give both or neither"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(config_with({"eab_kid": "k", "eab_hmac_key": "not base64!"}))
+    assert caught.value.problems == [
+        "acme.eab_hmac_key: expected the base64url HMAC key your CA gave you"
+    ]
+
+
+def test_a_missing_ca_bundle_is_reported(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    config = parse_config(config_with({"ca_bundle": missing}))
+    assert start_problems(config) == [f"acme.ca_bundle: {missing!r}: no such file"]
+
+
+def tlsproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    data.setdefault("tls", {})["storage"] = str(tmp_path / "data")
+    path = tmp_path / "acme.toml"
+    path.write_text(to_toml(data))
+    return path
+
+
+def test_check_certs_and_renew_without_a_certificate_yet(tmp_path: Path) -> None:
+    path = write(tmp_path, config_with())
+    result = tlsproxy("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+
+    result = tlsproxy("certs", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[1]
+    assert row.split()[:2] == ["a.test", "acme:acme-v02.api.letsencrypt.org"]
+    assert "when the proxy starts" in row
+    assert not (tmp_path / "data").exists()  # certs never creates anything
+
+    result = tlsproxy("renew", "--config", str(path), "other.test")
+    assert result.returncode == 2
+    assert "other.test: no site with this host gets its certificate from ACME" in result.stderr
+
+
+def test_renew_with_no_acme_site_has_nothing_to_do(tmp_path: Path) -> None:
+    path = write(tmp_path, config_with() | {"tls": {"issuer": "internal"}})
+    result = tlsproxy("renew", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout
