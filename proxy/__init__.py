@@ -1,10 +1,107 @@
 """tlsproxy: a TLS-terminating reverse proxy for FastAPI and any HTTP/1.1 app.
 
+The names below are the library API (docs/library.md); everything else in the package may
+change between versions. A whole proxy's life::
+
+    from proxy import Proxy, load_config
+
+    async with Proxy(load_config("proxy.toml")) as proxy:
+        await proxy.serve_forever()  # until another task awaits proxy.stop()
+
+or with the configuration built in code::
+
+    from proxy import Config, Proxy, Site, TLSConfig, Upstream
+
+    config = Config(
+        sites=(Site(hosts=("app.localhost",), upstreams=(Upstream("127.0.0.1", 8000),)),),
+        tls=TLSConfig(issuer="internal"),
+    )
+
+``await proxy.reload(new_config)`` applies new sites, upstreams and certificates without
+dropping connections; ``Proxy(config, cert_store=..., challenges=...)`` brings your own
+certificate store (any code can ``install`` certificates into it) and ACME challenge store.
+
 Note: the import name ``proxy`` clashes with the unrelated ``proxy-py`` distribution;
 do not install both in one environment.
 """
 
-from proxy.config import Config, ConfigError, load_config, parse_config
-from proxy.server import Proxy
+from acme_client.interfaces import CertificateSink, ChallengeStore, MemoryChallengeStore
+from proxy.certsources import CertificateError
+from proxy.certstore import CertStore
+from proxy.config import (
+    ACMEConfig,
+    Address,
+    Config,
+    ConfigError,
+    Route,
+    ServerConfig,
+    Site,
+    TLSConfig,
+    Upstream,
+    load_config,
+    parse_config,
+)
+from proxy.envconfig import load_config_with_env
+from proxy.server import Listener, Proxy
 
-__all__ = ["Config", "ConfigError", "Proxy", "load_config", "parse_config"]
+__all__ = [
+    "ACMEConfig",
+    "Address",
+    "CertStore",
+    "CertificateError",
+    "CertificateSink",
+    "ChallengeStore",
+    "Config",
+    "ConfigError",
+    "Listener",
+    "MemoryChallengeStore",
+    "Proxy",
+    "Route",
+    "ServerConfig",
+    "Site",
+    "TLSConfig",
+    "Upstream",
+    "load_config",
+    "load_config_with_env",
+    "parse_config",
+]
+
+
+def _document(cls: type, text: str) -> None:
+    """Give a config dataclass a real docstring where it only has the generated signature.
+
+    These belong in proxy/config.py beside the fields; until they are there, ``help()`` and
+    the docs still need them. Once config.py has its own, this changes nothing.
+    """
+    if (cls.__doc__ or "").startswith(f"{cls.__name__}("):
+        cls.__doc__ = text
+
+
+_document(
+    Config,
+    "A whole proxy configuration: ``sites`` (at least one) and the ``server``, ``tls`` and "
+    "``acme`` tables. Frozen; build one in code, or from TOML with ``load_config`` / "
+    "``parse_config`` (which validate every key and name it in errors).",
+)
+_document(
+    ServerConfig,
+    "The ``[server]`` table: listen addresses, the port written into redirects, trusted "
+    "proxies, the admin listener, access log format, event loop, timeouts and limits. Every "
+    "field has the documented default.",
+)
+_document(
+    TLSConfig,
+    "The ``[tls]`` table: ``storage`` (directory for certificates, keys and the internal CA) "
+    'and ``issuer`` (``"acme"`` or ``"internal"``) for sites without cert/key files.',
+)
+_document(
+    ACMEConfig,
+    "The ``[acme]`` table: the ACME ``directory`` URL, the account contact ``email`` and an "
+    "extra ``ca_bundle`` to trust (for a private ACME server).",
+)
+_document(
+    Site,
+    "One ``[[sites]]`` table: the ``hosts`` it answers to (lower-case; ``*.example.com`` "
+    "matches one label), its ``upstreams``, optional path-prefix ``routes``, optional "
+    "``cert``/``key`` files (hot-reloaded on change) and an optional ``hsts`` header value.",
+)
