@@ -101,16 +101,18 @@ def test_idle_keepalive_connection_is_closed(proxy: ProxyProcess) -> None:
 
 def test_stalled_request_body_gets_408(proxy: ProxyProcess) -> None:
     with open_tls(proxy) as tls:
-        tls.sendall(b"POST /upload HTTP/1.1\r\nHost: limits.test\r\nContent-Length: 100\r\n\r\n"
-                    b"0123456789")
+        tls.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: limits.test\r\nContent-Length: 100\r\n\r\n0123456789"
+        )
         reply = read_all(tls)
     assert reply.startswith(b"HTTP/1.1 408 ")
     assert "request body stalled for 2 s" in proxy.log()
 
 
 def test_websocket_echo_through_the_proxy(proxy: ProxyProcess) -> None:
-    raw = socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10,
-                                   source_address=("127.0.0.9", 0))
+    raw = socket.create_connection(
+        ("127.0.0.1", proxy.https_port), timeout=10, source_address=("127.0.0.9", 0)
+    )
     with websocket_connect(
         f"wss://{HOST}:{proxy.https_port}/ws",
         sock=raw,
@@ -126,8 +128,12 @@ def test_websocket_echo_through_the_proxy(proxy: ProxyProcess) -> None:
 def test_idle_websocket_is_closed(proxy: ProxyProcess) -> None:
     raw = socket.create_connection(("127.0.0.1", proxy.https_port), timeout=15)
     with websocket_connect(
-        f"wss://{HOST}:{proxy.https_port}/ws", sock=raw, ssl=proxy.client_context(),
-        server_hostname=HOST, open_timeout=10, ping_interval=None,
+        f"wss://{HOST}:{proxy.https_port}/ws",
+        sock=raw,
+        ssl=proxy.client_context(),
+        server_hostname=HOST,
+        open_timeout=10,
+        ping_interval=None,
     ) as ws:
         ws.send("ping")
         assert ws.recv(timeout=10) == "127.0.0.1: ping"
