@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian machine: installs the system tools the
-# tests drive (curl, openssl), makes .venv with the project and its test extras, then runs
+# tests drive (curl, openssl, pebble, wrk, nginx), makes .venv with the project and its test extras, then runs
 # ruff, mypy --strict and pytest. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +10,22 @@ command -v curl >/dev/null || apt_packages+=(curl)
 command -v openssl >/dev/null || apt_packages+=(openssl)
 # Pebble, Let's Encrypt's test CA, for the ACME tests (tests/pebble.py)
 command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || apt_packages+=(pebble)
+# wrk, nginx (a native upstream) and a C compiler for the quick benchmark (benchmarks/)
+command -v wrk >/dev/null || apt_packages+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_packages+=(nginx-light)
+command -v cc >/dev/null || apt_packages+=(gcc)
 command -v python3 >/dev/null || apt_packages+=(python3)
 if command -v python3 >/dev/null && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   apt_packages+=(python3-venv)
 fi
 if ((${#apt_packages[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  # packages such as nginx must not start their system services here
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_packages[@]}"
 fi
