@@ -61,6 +61,10 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Site:
+    """One ``[[sites]]`` table: the ``hosts`` it answers to (lower-case; ``*.example.com``
+    matches one label), its ``upstreams``, optional path-prefix ``routes``, optional
+    ``cert``/``key`` files (hot-reloaded on change) and an optional ``hsts`` header value."""
+
     hosts: tuple[str, ...]  # lower-case; "*.example.com" matches one label
     upstreams: tuple[Upstream, ...]
     routes: tuple[Route, ...] = ()  # optional path-prefix routes tried before `upstreams`
@@ -76,6 +80,8 @@ class Site:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """The ``[server]`` table: listeners, redirects, trust, admin, logs, timeouts and limits."""
+
     https_listen: tuple[Address, ...] = (Address("0.0.0.0", 443),)
     http_listen: tuple[Address, ...] = (Address("0.0.0.0", 80),)
     https_port: int = 443
@@ -101,12 +107,18 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class TLSConfig:
+    """The ``[tls]`` table: ``storage`` (certificates, keys, account, internal CA) and the
+    ``issuer`` for sites without cert/key files."""
+
     storage: str = "./tlsproxy-data"
     issuer: Literal["acme", "internal"] = "acme"
 
 
 @dataclass(frozen=True, slots=True)
 class ACMEConfig:
+    """The ``[acme]`` table: the CA's directory URL, the account contact, extra trust for
+    the CA's API and optional External Account Binding."""
+
     directory: str = LETS_ENCRYPT
     email: str = ""
     ca_bundle: str = ""  # CA file trusted for the ACME server's own HTTPS API (Pebble, private CAs)
@@ -116,6 +128,9 @@ class ACMEConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """A whole proxy configuration. Frozen; build it in code, or from TOML with
+    :func:`load_config` / :func:`parse_config`, which validate every key and name it."""
+
     sites: tuple[Site, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
