@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -112,8 +112,10 @@ class Renewer:
         issuer: Issuer | None = None,
         poll_interval: float = POLL_INTERVAL,
         rng: random.Random | None = None,
+        on_outcome: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_outcome = on_outcome  # told of every order: True issued, False failed
         self.records = CertificateRecords(storage, settings.directory)
         self.issuer = issuer or Issuer(Account(settings, storage), challenges)
         self.sink = sink
@@ -407,6 +409,8 @@ class Renewer:
                 managed.not_before = now_utc() + timedelta(seconds=self.poll_interval)
                 return
             managed.not_before = None
+            if self.on_outcome is not None and outcome.status in ("issued", "failed"):
+                self.on_outcome(outcome.status == "issued")
             if outcome.meta is not None:
                 managed.meta = outcome.meta
             if outcome.certificate is not None:

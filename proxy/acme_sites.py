@@ -24,6 +24,7 @@ from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
 from acme_client.records import CertificateRecords
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
 from acme_client.storage import FileStorage
+from proxy import metrics
 from proxy.certstore import CertEntry, CertStore, make_entry
 from proxy.config import ACMEConfig, Site, TLSConfig
 from proxy.internal_ca import InternalCA
@@ -123,7 +124,11 @@ class ACMESites:
         if renewer is None or self._key != (settings, tls.storage):
             storage = FileStorage(tls.storage)
             renewer = Renewer(
-                settings, storage, self.challenges, _Sink(self, self.store, acme.directory)
+                settings,
+                storage,
+                self.challenges,
+                _Sink(self, self.store, acme.directory),
+                on_outcome=metrics.acme_renewal,
             )
         plan = Plan(renewer, [request_for(s) for s in sites], tls.storage)
         for site, request in zip(sites, plan.requests, strict=True):

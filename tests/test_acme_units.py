@@ -249,7 +249,15 @@ async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_eac
     storage = FileStorage(tmp_path)
     issuer = FakeIssuer(storage, lifetime=6, fail={2})  # the first renewal attempt fails
     sink = Sink()
-    renewer = Renewer(ACMESettings(DIRECTORY), storage, MemoryChallengeStore(), sink, issuer=issuer)
+    outcomes: list[bool] = []  # what the proxy turns into tlsproxy_acme_renewals_total
+    renewer = Renewer(
+        ACMESettings(DIRECTORY),
+        storage,
+        MemoryChallengeStore(),
+        sink,
+        issuer=issuer,
+        on_outcome=outcomes.append,
+    )
     renewer.ari = False
     request = CertificateRequest("s.test", ("s.test",))
     renewer.manage([request])
@@ -270,6 +278,7 @@ async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_eac
         assert datetime.now(UTC) < first.info.not_after
         meta = records.meta("s.test")
         assert meta is not None and (meta.failures, meta.last_error) == (0, None)
+        assert outcomes == [True, False, True]
     finally:
         renewer.close()
         await asyncio.wait_for(task, 5)
