@@ -157,17 +157,21 @@ class ConfigError(Exception):
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read a TOML file and parse it; an unreadable or malformed file is a ConfigError too, so
     callers (``run``, ``check``) have a single error to report."""
+    return parse_config(read_toml(path))
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, object]:
+    """The parsed TOML file, or a ConfigError naming the file and what is wrong with it."""
     name = os.fspath(path)
     try:
         with open(path, "rb") as file:
-            data = tomllib.load(file)
+            return tomllib.load(file)
     except FileNotFoundError:
         raise ConfigError([f"{name}: no such file"]) from None
     except OSError as error:
         raise ConfigError([f"{name}: cannot read it: {error.strerror or error}"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError([f"{name}: not valid TOML: {error}"]) from None
-    return parse_config(data)
 
 
 def parse_config(data: Mapping[str, object]) -> Config:

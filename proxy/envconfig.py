@@ -16,12 +16,11 @@ as unknown keys in the file are: a misspelt variable must not be silently ignore
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.config import Config, ConfigError, parse_config
+from proxy.config import Config, ConfigError, parse_config, read_toml
 
 PREFIX = "TLSPROXY_"
 
@@ -143,17 +142,7 @@ def load_config_with_env(
     """Read a TOML file, apply the environment's overrides, validate: what ``tlsproxy run``
     uses. Errors are :class:`ConfigError`, worded as :func:`proxy.config.load_config`'s."""
     found = overrides(environ)  # an unknown variable is reported before the file is read
-    name = os.fspath(path)
-    try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-    except FileNotFoundError:
-        raise ConfigError([f"{name}: no such file"]) from None
-    except OSError as error:
-        raise ConfigError([f"{name}: cannot read it: {error.strerror or error}"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError([f"{name}: not valid TOML: {error}"]) from None
-    return _parse(data, found)
+    return _parse(read_toml(path), found)
 
 
 def describe(environ: Mapping[str, str] | None = None) -> list[str]:

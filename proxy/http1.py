@@ -17,6 +17,29 @@ from proxy.headers import HTTPError
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
+def _feed(
+    parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
+    data: bytes,
+    status: int,
+    what: str,
+) -> bytes | None:
+    """Feed llhttp; our own HTTPError from a callback, or llhttp's as ``status``.
+
+    After an accepted Upgrade (or 101) head, the bytes that follow it are returned.
+    """
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade as upgrade:
+        return data[upgrade.args[0] :]
+    except httptools.HttpParserCallbackError as exc:
+        if isinstance(exc.__context__, HTTPError):
+            raise exc.__context__ from None
+        raise
+    except httptools.HttpParserError as exc:
+        raise HTTPError(status, f"{what}: {exc}") from None
+    return None
+
+
 def _version(text: str) -> bytes:
     return _VERSIONS.get(text) or text.encode("latin-1")
 
@@ -57,17 +80,7 @@ class RequestReader:
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; after an accepted Upgrade head, return the bytes that follow it."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            return data[upgrade.args[0] :]
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, HTTPError):
-                raise exc.__context__ from None
-            raise
-        except httptools.HttpParserError as exc:
-            raise HTTPError(400, f"malformed request: {exc}") from None
-        return None
+        return _feed(self._parser, data, 400, "malformed request")
 
     def on_message_begin(self) -> None:
         self._target = b""
@@ -132,20 +145,11 @@ class ResponseReader:
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; after a 101 head, return the bytes that follow it (tunnel data)."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            return data[upgrade.args[0] :]
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, HTTPError):
-                raise exc.__context__ from None
-            raise
-        except httptools.HttpParserError as exc:
-            raise HTTPError(502, f"malformed response from upstream: {exc}") from None
+        rest = _feed(self._parser, data, 502, "malformed response from upstream")
         if self._discard:
             self._discard = False
             self._parser = httptools.HttpResponseParser(self)
-        return None
+        return rest
 
     def on_message_begin(self) -> None:
         self._headers = []
