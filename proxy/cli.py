@@ -11,7 +11,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, ConfigError, load_config, parse_config, start_problems
+from proxy.config import Config, ConfigError, parse_config, start_problems
+from proxy.envconfig import describe, load_config_with_env
 
 log = logging.getLogger("tlsproxy")
 
@@ -89,8 +90,6 @@ def _setup_logging() -> None:
 def _run(args: argparse.Namespace) -> int:
     """``run``: the file, with ``TLSPROXY_*`` environment overrides (proxy/envconfig.py) applied
     at start and on every SIGHUP reload."""
-    from proxy.envconfig import describe, load_config_with_env
-
     path: Path = args.config
     config = load_config_with_env(path)
     for line in describe():
@@ -123,7 +122,7 @@ def _reverse_proxy(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config_with_env(args.config)
     problems = start_problems(config)
     if problems:
         raise ConfigError(problems)
@@ -135,7 +134,7 @@ def _check(args: argparse.Namespace) -> int:
 def _certs(args: argparse.Namespace) -> int:
     from proxy.certsources import describe_certificates
 
-    config = load_config(args.config)
+    config = load_config_with_env(args.config)
     rows = [("NAMES", "ISSUER", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR")]
     rows += [
         (" ".join(s.names), s.issuer, s.not_after, s.next_renewal, s.last_error or "-")
@@ -152,7 +151,7 @@ def _renew(args: argparse.Namespace) -> int:
     """``renew``: ACME certificates now (``--force``: even when not due), into storage."""
     from proxy.acme_renew import renew
 
-    config = load_config(args.config)
+    config = load_config_with_env(args.config)
     problems = start_problems(config)
     if problems:
         raise ConfigError(problems)
