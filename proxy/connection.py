@@ -138,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
         self.sni: str | None = None  # the server name the client asked for in its handshake
+        self.sni_host = b""  # the last Host found to match ``sni``
         self.reader = RequestReader(self, self.settings.max_header_bytes, self.settings.max_headers)
         self.current: Exchange | None = None  # the exchange being answered
         self.receiving: Exchange | None = None  # the exchange whose request is being read
@@ -241,8 +242,13 @@ class ClientConnection(asyncio.Protocol):
         exchange.method, exchange.target, exchange.version = method, target, version
         request = parse_request(method, target, version, headers, self.peer)
         exchange.request = request
-        if self.sni is not None and not sni_matches_host(self.sni, request.host):
+        if (
+            self.sni is not None
+            and request.host != self.sni_host
+            and not sni_matches_host(self.sni, request.host)
+        ):
             raise HTTPError(421, f"Host {request.host!r} differs from the TLS server name")
+        self.sni_host = request.host  # checked once per connection, not once per request
         site = self.runtime.router.match(request.host)
         if site is None:
             raise HTTPError(421, f"no site is configured for host {request.host!r}")

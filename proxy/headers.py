@@ -96,17 +96,32 @@ class Peer:
         return cls(text, trusted, port, node.encode(), fixed)
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    """A checked request head and the head to send upstream."""
+    """A checked request head and the head to send upstream.
 
-    host: bytes
-    target: bytes  # origin-form, as sent upstream
-    framing: int  # NO_BODY | LENGTH | CHUNKED
-    length: int
-    keep_alive: bool
-    websocket: bool
-    upstream_head: bytes
+    A plain slotted class, not a dataclass: one is built per request, and a frozen
+    dataclass's ``__init__`` costs four times as much.
+    """
+
+    __slots__ = ("framing", "host", "keep_alive", "length", "target", "upstream_head", "websocket")
+
+    def __init__(
+        self,
+        host: bytes,
+        target: bytes,  # origin-form, as sent upstream
+        framing: int,  # NO_BODY | LENGTH | CHUNKED
+        length: int,
+        keep_alive: bool,
+        websocket: bool,
+        upstream_head: bytes,
+    ) -> None:
+        self.host = host
+        self.target = target
+        self.framing = framing
+        self.length = length
+        self.keep_alive = keep_alive
+        self.websocket = websocket
+        self.upstream_head = upstream_head
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -238,15 +253,24 @@ def _forwarding(peer: Peer, host: bytes, received: dict[bytes, bytes]) -> bytes:
     return b"".join(b"%s: %s\r\n" % pair for pair in values)
 
 
-@dataclass(frozen=True, slots=True)
 class Response:
-    """A checked upstream response head, re-framed for the client."""
+    """A checked upstream response head, re-framed for the client (slotted, as Request)."""
 
-    head: bytes
-    upstream_framing: int  # how to read the body from the upstream
-    length: int
-    client_chunked: bool  # the body goes to the client in chunks we frame
-    keep_alive: bool  # the upstream connection may serve another request
+    __slots__ = ("client_chunked", "head", "keep_alive", "length", "upstream_framing")
+
+    def __init__(
+        self,
+        head: bytes,
+        upstream_framing: int,  # how to read the body from the upstream
+        length: int,
+        client_chunked: bool,  # the body goes to the client in chunks we frame
+        keep_alive: bool,  # the upstream connection may serve another request
+    ) -> None:
+        self.head = head
+        self.upstream_framing = upstream_framing
+        self.length = length
+        self.client_chunked = client_chunked
+        self.keep_alive = keep_alive
 
 
 def parse_response(
