@@ -66,6 +66,15 @@ class Storage(Protocol):
         ...
 
 
+def open_storage(location: str) -> Storage:
+    """The backend for ``[tls] storage``: a ``redis://``/``rediss://`` URL or a directory."""
+    if location.lower().startswith(("redis://", "rediss://")):
+        from acme_client.redis_storage import RedisStorage  # redis is needed only here
+
+        return RedisStorage(location)
+    return FileStorage(location)
+
+
 def check_key(key: str) -> str:
     """A key is relative, without ``..`` or empty parts: it can never escape the storage."""
     if not _KEY_RE.fullmatch(key) or any(part in ("", ".", "..") for part in key.split("/")):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from acme_client.challenges import StorageChallengeStore
 from acme_client.renewer import Outcome, Renewer, due_time
-from acme_client.storage import FileStorage
+from acme_client.storage import open_storage
 from proxy.acme_sites import request_for, settings_for, uses_acme
 from proxy.certstore import normalize
 from proxy.challenge_http import HTTPResponder
@@ -60,7 +60,7 @@ def renew(config: Config, hosts: Sequence[str], force: bool) -> int:
 
 
 async def _renew(config: Config, sites: list[Site], force: bool) -> int:
-    storage = FileStorage(config.tls.storage)
+    storage = open_storage(config.tls.storage)
     challenges = StorageChallengeStore(storage)
     servers = await _listen_http(config, challenges)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,7 @@ from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
 from acme_client.records import CertificateRecords
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
-from acme_client.storage import FileStorage
+from acme_client.storage import Storage, open_storage
 from proxy import metrics
 from proxy.certstore import CertEntry, CertStore, make_entry
 from proxy.config import ACMEConfig, Site, TLSConfig
@@ -48,10 +49,40 @@ def settings_for(acme: ACMEConfig) -> ACMESettings:
 
 
 def challenge_store_for(tls: TLSConfig) -> ChallengeStore:
-    """Tokens in storage, so every process sharing it (and ``tlsproxy renew``) can answer."""
-    if "://" in tls.storage:
+    """Tokens in storage, so every process sharing it (and ``tlsproxy renew``, and every
+    replica on the same Redis) can answer."""
+    if "://" in tls.storage and not tls.storage.lower().startswith(("redis://", "rediss://")):
         return MemoryChallengeStore()
-    return StorageChallengeStore(FileStorage(tls.storage))
+    return StorageChallengeStore(open_storage(tls.storage))
+
+
+_local: dict[str, Path] = {}
+
+
+def local_directory(tls: TLSConfig) -> Path:
+    """Where the internal CA of temporary certificates lives: the storage directory, or,
+    with Redis storage, a private directory of this process (temporary certificates are
+    never shared)."""
+    if "://" not in tls.storage:
+        return Path(tls.storage)
+    if tls.storage not in _local:
+        _local[tls.storage] = Path(tempfile.mkdtemp(prefix="tlsproxy-"))
+    return _local[tls.storage]
+
+
+def watch_changes(storage: Storage, renewer: Renewer) -> Callable[[], None] | None:
+    """With Redis storage, wake the renewer when any replica announces a write, so new
+    certificates are installed at once; polling still catches a missed announcement."""
+    watch = getattr(storage, "watch", None)
+    if watch is None:
+        return None
+
+    def changed(key: str) -> None:
+        if not key or key.endswith("/meta.json"):
+            renewer._wake()
+
+    stop: Callable[[], None] = watch(changed)
+    return stop
 
 
 def uses_acme(site: Site, tls: TLSConfig) -> bool:
@@ -110,6 +141,7 @@ class ACMESites:
         self.temporary: dict[tuple[str, ...], tuple[Site, Path]] = {}  # names -> site, storage
         self._key: tuple[ACMESettings, str] | None = None
         self._requests: list[CertificateRequest] = []
+        self._unwatch: Callable[[], None] | None = None
 
     def prepare(self, sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig) -> Plan:
         """Certificates to install now for ``sites`` (stored or temporary); nothing changes yet.
@@ -122,7 +154,7 @@ class ACMESites:
         settings = settings_for(acme)
         renewer = self.renewer
         if renewer is None or self._key != (settings, tls.storage):
-            storage = FileStorage(tls.storage)
+            storage = open_storage(tls.storage)
             renewer = Renewer(
                 settings,
                 storage,
@@ -134,7 +166,13 @@ class ACMESites:
         for site, request in zip(sites, plan.requests, strict=True):
             if renewer is self.renewer and request in self._requests:
                 continue  # already served: the store has it, the renewer keeps it fresh
-            stored = renewer.stored(request)
+            try:
+                stored = renewer.stored(request)
+            except Exception as exc:
+                if "://" not in tls.storage:
+                    raise
+                log.warning("site %s: storage unreachable (%s)", site.name, exc)
+                stored = None
             if stored is not None:
                 plan.entries.append(
                     make_entry(
@@ -155,8 +193,8 @@ class ACMESites:
                     _iso(due_time(stored)),
                 )
             elif not self._serving(site):
-                plan.entries.append(self._temporary(site, Path(tls.storage)))
-                plan.temporary[site.hosts] = (site, Path(tls.storage))
+                plan.entries.append(self._temporary(site, local_directory(tls)))
+                plan.temporary[site.hosts] = (site, local_directory(tls))
         return plan
 
     def _serving(self, site: Site) -> bool:
@@ -186,6 +224,12 @@ class ACMESites:
         """After the plan's entries are installed: switch renewers, manage the new site list."""
         if plan.renewer is not self.renewer and self.renewer is not None:
             self.renewer.close()
+        if plan.renewer is not self.renewer:
+            if self._unwatch is not None:
+                self._unwatch()
+            self._unwatch = None
+            if plan.renewer is not None:
+                self._unwatch = watch_changes(plan.renewer.records.storage, plan.renewer)
         self.renewer = plan.renewer
         wanted = {r.names for r in plan.requests}
         kept = {names: value for names, value in self.temporary.items() if names in wanted}
@@ -241,7 +285,7 @@ class ACMEStatus:
 
 
 def describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> ACMEStatus:
-    records = CertificateRecords(FileStorage(tls.storage), acme.directory)
+    records = CertificateRecords(open_storage(tls.storage), acme.directory)
     request = request_for(site)
     meta, stored = records.load(request.site)
     now = datetime.now(UTC)

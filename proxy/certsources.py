@@ -280,8 +280,11 @@ def _describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> CertificateStatus
         return CertificateStatus(
             site.hosts, "internal", _iso(end), _iso(end - (end - start) / 3), None
         )
-    if acme_sites.uses_acme(site, tls) and "://" not in tls.storage:
-        status = acme_sites.describe(site, tls, acme)
+    if acme_sites.uses_acme(site, tls):
+        try:
+            status = acme_sites.describe(site, tls, acme)
+        except Exception as exc:  # e.g. Redis storage unreachable: say so in the row
+            return CertificateStatus(site.hosts, "acme", "-", "-", f"storage: {exc}")
         return CertificateStatus(
             site.hosts, status.issuer, status.not_after, status.next_renewal, status.last_error
         )
