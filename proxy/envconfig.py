@@ -48,6 +48,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TLSPROXY_HTTP_LISTEN", "server", "http_listen", "list"),
     Variable("TLSPROXY_HTTPS_PORT", "server", "https_port", "integer"),
     Variable("TLSPROXY_ADMIN_LISTEN", "server", "admin_listen", "address"),
+    Variable("TLSPROXY_ADMIN_TOKEN", "server", "admin_token", "string", secret=True),
     Variable("TLSPROXY_ACCESS_LOG", "server", "access_log", "string"),
     Variable("TLSPROXY_TRUSTED_PROXIES", "server", "trusted_proxies", "list"),
     Variable("TLSPROXY_SHUTDOWN_TIMEOUT", "server", "shutdown_timeout", "seconds"),

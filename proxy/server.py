@@ -7,14 +7,18 @@ proxy; the CLI and embedding programs are thin shells over it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import ipaddress
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore
-from proxy import metrics
+from proxy import metrics, status, status_page
 from proxy.accesslog import AccessLog
 from proxy.acme_sites import challenge_store_for
 from proxy.admission import Gate
@@ -173,6 +177,16 @@ class Proxy:
         path = target.partition(b"?")[0]
         if path == b"/healthz":
             return text(503, "draining") if self.runtime.draining else text(200, "ok")
+        token = self.runtime.settings.admin_token
+        if token and not _authorized(token, getattr(request, "headers", ())):
+            challenge = (b"www-authenticate", b'Bearer, Basic realm="tlsproxy admin"')
+            return Answer(401, b"401 Unauthorized: send the admin token\n", (challenge,))
+        if path in (b"/", b"/api/status"):
+            runtime = self.runtime
+            document = status.collect(self.config, runtime.pool, self.cert_store)
+            if path == b"/":
+                return status_page.html_answer(document)
+            return status_page.json_answer(document)
         if path == b"/metrics":
             scraped = [
                 metrics.open_connections(self.gate.open_connections()),
@@ -270,6 +284,24 @@ class Proxy:
     def _close_servers(self) -> None:
         for server in self._servers:
             server.close()
+
+
+def _authorized(token: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """``Authorization: Bearer <token>``, or Basic with the token as password (so a browser
+    can prompt for it); compared in constant time."""
+    for name, value in headers:
+        if name.lower() != b"authorization":
+            continue
+        scheme, _, credentials = value.partition(b" ")
+        if scheme.lower() == b"basic":
+            try:
+                credentials = base64.b64decode(credentials, validate=True).partition(b":")[2]
+            except binascii.Error:
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(credentials.strip(), token.encode())
+    return False
 
 
 def _is_loopback(host: str) -> bool:

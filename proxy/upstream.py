@@ -133,6 +133,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self._idle: dict[Upstream, list[UpstreamConnection]] = {}
         self._down_until: dict[Upstream, float] = {}
+        self._failing: dict[Upstream, tuple[float, str]] = {}  # since (Unix time), last error
 
     def take(self, upstream: Upstream) -> UpstreamConnection | None:
         """A pooled connection to ``upstream`` ready for a request, or None."""
@@ -194,8 +195,16 @@ class UpstreamPool:
                 "upstream %s failing (%s); skipped for %.0f s", upstream.url, reason, FAIL_TIMEOUT
             )
         self._down_until[upstream] = time.monotonic() + FAIL_TIMEOUT
+        since = self._failing.get(upstream, (time.time(), ""))[0]
+        self._failing[upstream] = (since, reason)
+
+    def failing(self, upstream: Upstream) -> tuple[float, str] | None:
+        """For the status page: (Unix time of the first failure in a row, last error), or None
+        when the last connection attempt succeeded (or none was made)."""
+        return self._failing.get(upstream)
 
     def mark_up(self, upstream: Upstream) -> None:
+        self._failing.pop(upstream, None)
         if self._down_until.pop(upstream, None) is not None:
             log.info("upstream %s is accepting connections again", upstream.url)
 
