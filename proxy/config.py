@@ -88,6 +88,7 @@ class ServerConfig:
     workers: int | Literal["auto"] = 1
     trusted_proxies: tuple[IPNetwork, ...] = ()
     admin_listen: Address | None = Address("127.0.0.1", 9901)
+    admin_token: str = ""  # bearer token for the admin listener; required off loopback
     access_log: Literal["text", "json", "off"] = "text"
     loop: Literal["uvloop", "asyncio"] = "uvloop"
     handshake_timeout: float = 10.0  # seconds for a client's TLS handshake
@@ -201,10 +202,26 @@ def start_problems(config: Config) -> list[str]:
     problems: list[str] = []
     if not config.sites:
         problems.append(f"sites: {NO_SITES}")
-    if config.tls.storage.lower().startswith("redis://"):
-        problems.append("tls.storage: redis:// storage is not available yet; use a directory path")
+    from acme_client.redis_storage import url_problem  # the storage URL's own rules
+
+    if "://" in config.tls.storage and (storage := url_problem(config.tls.storage)):
+        problems.append(f"tls.storage: {storage}")
     problems += _acme_problems(config)
+    admin = config.server.admin_listen
+    if admin is not None and not _loopback(admin.host) and not config.server.admin_token:
+        problems.append(
+            f"server.admin_listen: {admin} is not a loopback address, and the status page and "
+            "/metrics must not be open to a network: set server.admin_token (or "
+            "TLSPROXY_ADMIN_TOKEN), or listen on 127.0.0.1"
+        )
     return problems
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _acme_problems(config: Config) -> list[str]:
@@ -557,6 +574,7 @@ def _server(value: object) -> ServerConfig:
         workers=t.get("workers", _workers, d.workers),
         trusted_proxies=t.get("trusted_proxies", _list_of(_network), d.trusted_proxies),
         admin_listen=t.get("admin_listen", _address_or_off, d.admin_listen),
+        admin_token=t.get("admin_token", _string, d.admin_token),
         access_log=t.get("access_log", _one_of("text", "json", "off"), d.access_log),
         loop=t.get("loop", _one_of("uvloop", "asyncio"), d.loop),
         handshake_timeout=t.get("handshake_timeout", _seconds, d.handshake_timeout),

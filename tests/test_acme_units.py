@@ -270,6 +270,12 @@ async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_eac
         due = due_time(first)  # 4 s after issuance
         await wait_for(lambda: issuer.calls == 2, 6)
         assert abs((datetime.now(UTC) - due).total_seconds()) < 1.1
+
+        def failed_once() -> bool:
+            meta = records.meta("s.test")
+            return meta is not None and meta.failures == 1
+
+        await wait_for(failed_once, 3)  # the failure is written just after the attempt
         meta = records.meta("s.test")
         assert meta is not None and meta.failures == 1
         assert meta.last_error is not None and "serverInternal" in meta.last_error

@@ -124,9 +124,9 @@ def test_run_refuses_a_bad_config_and_listens_on_nothing(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("server", "tls", "key"),
     [
-        ({}, {"storage": "redis://127.0.0.1:6379/0"}, "tls.storage"),
+        ({}, {"storage": "memcached://127.0.0.1:11211"}, "tls.storage"),
     ],
-    ids=["redis-storage"],
+    ids=["unknown-storage"],
 )
 def test_features_not_available_yet_are_refused_up_front(
     tmp_path: Path, command: str, server: dict[str, Any], tls: dict[str, Any], key: str

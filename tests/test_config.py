@@ -557,13 +557,16 @@ def test_start_problems_name_what_is_not_available_yet() -> None:
     config = parse_config(
         {
             "server": {"workers": "auto"},
-            "tls": {"storage": "redis://cache:6379/0"},
+            "tls": {"storage": "memcached://cache:11211"},
             "sites": [site(hosts=["a.example"]), site(hosts=["b.example"], cert="c", key="k")],
         }
     )
     assert start_problems(config) == [
-        "tls.storage: redis:// storage is not available yet; use a directory path",
+        "tls.storage: memcached:// storage is not available yet; "
+        "use a directory path or a redis:// URL",
     ]
+    redis = parse_config({"tls": {"storage": "redis://cache:6379/0"}, "sites": [site()]})
+    assert start_problems(redis) == []
     workers_4 = parse_config({"server": {"workers": 4}, "sites": [site()]})
     assert start_problems(workers_4) == []
 
