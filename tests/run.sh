@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian machine: installs the system tools the
-# tests drive (curl, openssl, pebble, wrk, nginx), makes .venv with the project and its test extras, then runs
-# ruff, mypy --strict and pytest. CI (.ci/run) calls exactly this.
+# tests drive (curl, openssl, pebble, redis-server, wrk, nginx, chromium), makes .venv with
+# the project and its test extras, then runs ruff, mypy --strict and pytest.
+# CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
