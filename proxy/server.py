@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore
-from proxy import metrics, status, status_page
+from proxy import metrics, status, status_page, worker_status
 from proxy.accesslog import AccessLog
 from proxy.acme_sites import challenge_store_for
 from proxy.admission import Gate
@@ -67,6 +67,7 @@ class Proxy:
         self._certs: CertificateManager | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
 
@@ -112,6 +113,12 @@ class Proxy:
             raise
         self._maintenance = spawn(self._certs.run(), name="certificate maintenance")
         self._sweeper = spawn(self.runtime.sweep_forever(), name="deadlines")
+        folder = worker_status.directory(config.tls)
+        if self.reuse_port and folder is not None:  # one of several workers
+            self._publisher = spawn(
+                worker_status.publish_forever(folder, self.runtime.pool, lambda: self.config.sites),
+                name="worker status",
+            )
         self._log_summary()
 
     async def _bind_all(self) -> None:
@@ -183,7 +190,15 @@ class Proxy:
             return Answer(401, b"401 Unauthorized: send the admin token\n", (challenge,))
         if path in (b"/", b"/api/status"):
             runtime = self.runtime
-            document = status.collect(self.config, runtime.pool, self.cert_store)
+            folder = worker_status.directory(self.config.tls)
+            snapshots = (
+                worker_status.read_fresh(folder)
+                if self._publisher is not None and folder is not None
+                else None
+            )
+            document = status.collect(
+                self.config, runtime.pool, self.cert_store, snapshots=snapshots
+            )
             if path == b"/":
                 return status_page.html_answer(document)
             return status_page.json_answer(document)
@@ -271,7 +286,7 @@ class Proxy:
                 if connection.transport is not None:
                     connection.transport.abort()
             runtime.pool.close_idle()
-        for task in (self._maintenance, self._sweeper):
+        for task in (self._maintenance, self._sweeper, self._publisher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

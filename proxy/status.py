@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,44 +52,90 @@ MIN_RATE_WINDOW = 1.0  # seconds between the two samples a rate is computed from
 
 
 def collect(
-    config: Config, pool: UpstreamPool, store: CertStore, now: datetime | None = None
+    config: Config,
+    pool: UpstreamPool,
+    store: CertStore,
+    now: datetime | None = None,
+    snapshots: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The whole status document (blocking: reads certificate metadata from storage)."""
+    """The whole status document (blocking: reads certificate metadata from storage).
+
+    ``snapshots`` are every worker's (proxy/worker_status.py): with them the request counts
+    and upstream health are the whole instance's, not this process's alone.
+    """
     now = datetime.now(UTC) if now is None else now
+    view = _View.merged(snapshots) if snapshots else _View.local(pool)
     return {
         "generated_at": _iso(now),
         "pid": os.getpid(),
         "workers": config.server.workers,
-        "scope": _scope(config.server.workers),
-        "sites": [_site(site, pool) for site in config.sites],
+        "scope": _scope(config.server.workers, snapshots),
+        "sites": [_site(site, view) for site in config.sites],
         "certificates": _certificates(config, store, now),
     }
 
 
-def _scope(workers: int | str) -> str:
-    """With several workers each answers for itself (the kernel picks one per connection)."""
+def _scope(workers: int | str, snapshots: list[dict[str, Any]] | None) -> str:
+    """Whose numbers the page shows."""
     if workers == 1:
         return "the whole instance"
+    if snapshots:
+        return f"the whole instance ({len(snapshots)} worker processes, merged)"
     return (
         "one worker process: its own request counts and upstream health; "
         "certificates are shared through storage"
     )
 
 
+class _View:
+    """Request counts, upstream errors and failing upstreams: one process's, or merged."""
+
+    def __init__(
+        self,
+        requests: dict[tuple[str, ...], float],
+        errors: dict[tuple[str, ...], float],
+        failing: Callable[[Upstream], tuple[float, str] | None],
+    ) -> None:
+        self.requests = requests
+        self.errors = errors
+        self.failing = failing
+
+    @classmethod
+    def local(cls, pool: UpstreamPool) -> _View:
+        return cls(
+            dict(metrics.REQUESTS.values), dict(metrics.UPSTREAM_ERRORS.values), pool.failing
+        )
+
+    @classmethod
+    def merged(cls, snapshots: list[dict[str, Any]]) -> _View:
+        requests: dict[tuple[str, ...], float] = {}
+        errors: dict[tuple[str, ...], float] = {}
+        failing: dict[str, tuple[float, str]] = {}
+        for snap in snapshots:
+            for site, label, value in snap.get("requests", []):
+                requests[(site, label)] = requests.get((site, label), 0.0) + value
+            for site, label, value in snap.get("upstream_errors", []):
+                errors[(site, label)] = errors.get((site, label), 0.0) + value
+            for url, (since, error) in snap.get("failing", {}).items():
+                if url not in failing or since < failing[url][0]:
+                    failing[url] = (since, error)
+        return cls(requests, errors, lambda upstream: failing.get(upstream.url))
+
+
 # -- sites -----------------------------------------------------------------------------------
 
 
-def _site(site: Site, pool: UpstreamPool) -> dict[str, Any]:
-    upstreams = [_upstream(u, pool) for u in _all_upstreams(site)]
+def _site(site: Site, view: _View) -> dict[str, Any]:
+    upstreams = [_upstream(u, view) for u in _all_upstreams(site)]
     failing = sum(1 for u in upstreams if u["state"] == "failing")
     state = "up" if not failing else ("down" if failing == len(upstreams) else "degraded")
-    errors = metrics.UPSTREAM_ERRORS.values
+    errors = view.errors
     return {
         "name": site.name,
         "hosts": list(site.hosts),
         "state": state,
         "upstreams": upstreams,
-        "requests": _requests(site.name),
+        "requests": _requests(site.name, view),
         "upstream_errors": {k: int(v) for (s, k), v in sorted(errors.items()) if s == site.name},
     }
 
@@ -99,8 +146,8 @@ def _all_upstreams(site: Site) -> list[Upstream]:
     return list(dict.fromkeys(found))
 
 
-def _upstream(upstream: Upstream, pool: UpstreamPool) -> dict[str, Any]:
-    failing = pool.failing(upstream)
+def _upstream(upstream: Upstream, view: _View) -> dict[str, Any]:
+    failing = view.failing(upstream)
     if failing is None:
         return {"url": upstream.url, "state": "up", "failing_since": None, "last_error": None}
     since, error = failing
@@ -134,8 +181,8 @@ class _Rates:
 RATES = _Rates()
 
 
-def _requests(site: str) -> dict[str, Any]:
-    by_class = {c: int(v) for (s, c), v in sorted(metrics.REQUESTS.values.items()) if s == site}
+def _requests(site: str, view: _View) -> dict[str, Any]:
+    by_class = {c: int(v) for (s, c), v in sorted(view.requests.items()) if s == site}
     total = sum(by_class.values())
     errors = by_class.get("5xx", 0)
     rates = RATES.update(site, total, errors)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import ProxyProcess, UvicornApp, body_json, https_request, to_toml, wait_until
+from tests.support import (
+    ProxyProcess,
+    UvicornApp,
+    body_json,
+    free_port,
+    https_request,
+    to_toml,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +41,11 @@ def get(host: str) -> bytes:
 
 
 def test_two_workers_serve_reload_restart_and_stop(app: UvicornApp, tmp_path: Path) -> None:
+    admin = free_port()
     proxy = ProxyProcess.start(
-        tmp_path, [{"hosts": ["w.test"], "upstreams": [app.url]}], server={"workers": 2}
+        tmp_path,
+        [{"hosts": ["w.test"], "upstreams": [app.url]}],
+        server={"workers": 2, "admin_listen": f"127.0.0.1:{admin}"},
     )
     try:
         wait_until(lambda: len(workers_of(proxy)) == 2)
@@ -40,6 +53,17 @@ def test_two_workers_serve_reload_restart_and_stop(app: UvicornApp, tmp_path: Pa
         wait_until(lambda: proxy.log().count("listening: https") >= 2)
         for _ in range(20):
             assert body_json(https_request(proxy, "w.test", get("w.test")))["scheme"] == "https"
+
+        # Whichever worker answers, the status page counts the whole instance's requests.
+        def counted() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/api/status", timeout=5) as r:
+                document = json.load(r)
+            assert document["scope"] == "the whole instance (2 worker processes, merged)"
+            total: int = document["sites"][0]["requests"]["total"]
+            return total
+
+        wait_until(lambda: counted() == 20, timeout=10)
+        assert all(counted() == 20 for _ in range(6))
 
         # SIGHUP reaches every worker: the new site answers on every new connection.
         config = tomllib.loads(proxy.config_path.read_text())
