@@ -55,6 +55,15 @@ return 0
 """
 
 
+# Told True/False when Redis becomes reachable/unreachable (the proxy feeds a metric).
+HEALTH_HOOKS: list[Callable[[bool], None]] = []
+
+
+def _report(up: bool) -> None:
+    for hook in HEALTH_HOOKS:
+        hook(up)
+
+
 def is_redis_url(storage: str) -> bool:
     return urlsplit(storage).scheme.lower() in SCHEMES
 
@@ -173,12 +182,14 @@ class RedisStorage:
                 self.url,
                 exc,
             )
+            _report(False)
 
     def _recovered(self) -> None:
         if self._backoff:
             with self._state:
                 self._backoff, self._down_until = 0.0, 0.0
             log.warning("redis %s reachable again", self.url)
+            _report(True)
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 0.0) -> Iterator[None]:

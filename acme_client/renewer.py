@@ -37,6 +37,8 @@ from acme_client.schedule import next_attempt, renewal_due
 from acme_client.storage import LockBusy, Storage
 
 log = logging.getLogger("tlsproxy.acme")
+MAINTENANCE_RETRY = 15.0  # seconds before retrying maintenance that failed outside the CA
+MAINTENANCE_RETRY_MAX = 900.0
 
 POLL_INTERVAL = 2.0  # seconds between checks of storage for other processes' changes
 MIN_SLEEP = 0.05
@@ -97,6 +99,7 @@ class _Managed:
     ari_check: datetime | None = None
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    broken: int = 0  # maintenance attempts in a row that failed outside the CA (storage down)
 
 
 class Renewer:
@@ -418,9 +421,22 @@ class Renewer:
                 how = "just issued" if outcome.status == "issued" else "from storage"
                 await self._install(managed, how)
             managed.version = self.records.version(managed.request.site)
-        except Exception:
-            log.exception("site %s: certificate maintenance failed", managed.request.site)
-            managed.not_before = now_utc() + timedelta(seconds=60)
+            managed.broken = 0
+        except Exception as exc:
+            # Not the CA (its errors are outcomes): storage unreachable, say. Back off
+            # exponentially, 15 s to 15 min; the traceback once, then one line each time.
+            managed.broken += 1
+            delay = min(MAINTENANCE_RETRY_MAX, MAINTENANCE_RETRY * 2 ** (managed.broken - 1))
+            if managed.broken == 1:
+                log.exception("site %s: certificate maintenance failed", managed.request.site)
+            else:
+                log.warning(
+                    "site %s: certificate maintenance failed again (%s); next try in %.0f s",
+                    managed.request.site,
+                    exc,
+                    delay,
+                )
+            managed.not_before = now_utc() + timedelta(seconds=delay)
         finally:
             managed.task = None
             self._wake()

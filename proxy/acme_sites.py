@@ -23,6 +23,7 @@ from acme_client.account import ACMESettings
 from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
 from acme_client.records import CertificateRecords
+from acme_client.redis_storage import HEALTH_HOOKS, is_redis_url
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
 from acme_client.storage import Storage, open_storage
 from proxy import metrics
@@ -31,6 +32,8 @@ from proxy.config import ACMEConfig, Site, TLSConfig
 from proxy.internal_ca import InternalCA
 
 log = logging.getLogger("tlsproxy.certs")
+if metrics.storage_up not in HEALTH_HOOKS:
+    HEALTH_HOOKS.append(metrics.storage_up)  # Redis outages show on /metrics
 
 TEMPORARY_LIFETIME = timedelta(days=7)
 TEMPORARY_SOURCE = "temporary: waiting for the ACME certificate"
@@ -155,6 +158,8 @@ class ACMESites:
         renewer = self.renewer
         if renewer is None or self._key != (settings, tls.storage):
             storage = open_storage(tls.storage)
+            if is_redis_url(tls.storage):
+                metrics.storage_up(True)  # until Redis says otherwise
             renewer = Renewer(
                 settings,
                 storage,

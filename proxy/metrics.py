@@ -201,6 +201,14 @@ ACME_RENEWALS = REGISTRY.counter(
     "Certificate issuances and renewals through ACME, by result: success, failure.",
     ["result"],
 )
+STORAGE_UP = REGISTRY.gauge(
+    "tlsproxy_storage_up",
+    "1 while shared (Redis) storage answers, 0 while it is unreachable; absent for files.",
+)
+STORAGE_OUTAGES = REGISTRY.counter(
+    "tlsproxy_storage_outages_total",
+    "Times shared (Redis) storage became unreachable.",
+)
 
 _CODE_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
 UpstreamError = Literal["refused", "timeout", "reset", "invalid"]
@@ -237,6 +245,14 @@ def acme_renewal(success: bool) -> None:
     """Count one ACME issuance or renewal attempt; safe to call from a worker thread."""
     with _acme_lock:
         ACME_RENEWALS.inc(("success" if success else "failure",))
+
+
+def storage_up(up: bool) -> None:
+    """Shared storage became reachable (True) or unreachable (False); any thread."""
+    with _acme_lock:
+        STORAGE_UP.set(1.0 if up else 0.0)
+        if not up:
+            STORAGE_OUTAGES.inc()
 
 
 # -- per-proxy values, built at scrape time ------------------------------------------------

@@ -105,6 +105,8 @@ def test_the_whole_default_registry_parses() -> None:
         "tlsproxy_tls_handshake_failures_total": "counter",
         "tlsproxy_connections_refused_total": "counter",
         "tlsproxy_acme_renewals_total": "counter",
+        "tlsproxy_storage_up": "gauge",
+        "tlsproxy_storage_outages_total": "counter",
     }
     assert all(len(help) > 10 for help in page.helps.values())  # each says what it counts
 

@@ -23,7 +23,7 @@ from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import MemoryChallengeStore
 from acme_client.keys import inspect
 from acme_client.records import CertificateRecords, Metadata
-from acme_client.redis_storage import RedisStorage, redacted, url_problem
+from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_problem
 from acme_client.renewer import CertificateRequest, Renewer
 from acme_client.storage import LockBusy, open_storage
 from proxy.acme_sites import watch_changes
@@ -177,14 +177,20 @@ def test_unreachable_redis_answers_versions_from_memory_without_waiting(
     storage = RedisStorage(server.url)
     storage.store("k", b"v")
     known = storage.version("k")
-    server.stop()
-    started = time.monotonic()
-    for _ in range(20):
-        assert storage.version("k") == known
-    assert time.monotonic() - started < 1.0
-    server.start()
-    storage._down_until = 0.0  # skip the backoff
-    assert storage.version("k") is None  # a fresh server: empty again
+    health: list[bool] = []  # what the proxy's tlsproxy_storage_up gauge is told
+    HEALTH_HOOKS.append(health.append)
+    try:
+        server.stop()
+        started = time.monotonic()
+        for _ in range(20):
+            assert storage.version("k") == known
+        assert time.monotonic() - started < 1.0
+        server.start()
+        storage._down_until = 0.0  # skip the backoff
+        assert storage.version("k") is None  # a fresh server: empty again
+    finally:
+        HEALTH_HOOKS.remove(health.append)
+    assert health == [False, True]
 
 
 def test_url_checks_and_redaction() -> None:
