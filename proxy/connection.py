@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -84,6 +85,7 @@ class Runtime:
         for connection in list(self.connections):
             if connection.deadline <= now:
                 connection.expire(now)
+        self.pool.sweep(time.monotonic())
 
 
 class Exchange:

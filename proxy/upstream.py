@@ -50,7 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.tunnel = False
         self.reading_paused = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when it went back to the pool (time.monotonic())
 
     def attach(self, owner: Owner, head_request: bool) -> None:
         self.owner = owner
@@ -139,13 +139,14 @@ class UpstreamPool:
         """A pooled connection to ``upstream`` ready for a request, or None."""
         idle = self._idle.get(upstream)
         while idle:
-            conn = idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
-            if conn.transport is not None and not conn.transport.is_closing():
-                conn.reused = True
-                return conn
+            conn = idle.pop()  # the most recently used: the least likely to be closed
+            if conn.transport is None or conn.transport.is_closing():
+                continue
+            if time.monotonic() - conn.idle_since > IDLE_TIMEOUT:  # the sweep has not run
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
         return None
 
     async def connect(self, upstream: Upstream) -> UpstreamConnection:
@@ -173,14 +174,17 @@ class UpstreamPool:
         ):
             conn.close()
             return
-        conn.idle_timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, conn.close)
+        conn.idle_since = time.monotonic()  # no timer per request: sweep() closes old ones
         idle.append(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than ``IDLE_TIMEOUT`` (``now``: time.monotonic())."""
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since > IDLE_TIMEOUT:
+                idle.pop(0).close()
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Drop a closed connection from the idle list."""
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         idle = self._idle.get(conn.upstream)
         if idle and conn in idle:
             idle.remove(conn)
