@@ -28,7 +28,7 @@ import trustme
 from dnslib import QTYPE, RR, A, DNSRecord  # type: ignore[import-untyped]
 from dnslib.server import BaseResolver, DNSLogger, DNSServer  # type: ignore[import-untyped]
 
-from tests.support import ProxyProcess, free_port, to_toml, wait_for_port
+from tests.support import ProxyProcess, free_port, stop_process, to_toml, wait_for_port
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 START_TIMEOUT = 15.0
@@ -177,13 +177,8 @@ class Pebble:
             return body
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def roots(self) -> bytes:

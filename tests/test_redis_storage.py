@@ -27,7 +27,7 @@ from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_
 from acme_client.renewer import CertificateRequest, Renewer
 from acme_client.storage import LockBusy, open_storage
 from proxy.acme_sites import watch_changes
-from tests.support import free_port
+from tests.support import free_port, stop_process
 from tests.test_acme_units import DIRECTORY, LocalCA, Sink, wait_for
 
 TOKEN = "t0k3n_" * 7
@@ -76,13 +76,8 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
 
