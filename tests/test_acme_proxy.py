@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,6 +145,30 @@ def get(tls: ssl.SSLSocket, host: str) -> bytes:
     return head.split(b"\r\n")[0]
 
 
+@dataclass
+class Serving:
+    """A proxy with one ACME site, once its first certificate is served."""
+
+    roots: Path
+    sites: list[dict[str, object]]
+    config: Path
+    https_port: int
+    proxy: ProxyProcess
+    first: int
+
+
+def serve_first(
+    tmp_path: Path, pebble: Pebble, proxies: list[ProxyProcess], upstream: RawUpstream, host: str
+) -> Serving:
+    roots = pebble.write_roots(tmp_path / "roots.pem")
+    sites: list[dict[str, object]] = [{"hosts": [host], "upstreams": [upstream.url]}]
+    config, https_port = acme_config(tmp_path / "proxy", pebble, sites)
+    proxy = start_proxy(config, https_port, pebble.http_port)
+    proxies.append(proxy)
+    first = eventually(lambda: acme_serial(proxy, host, roots), 15, "first certificate")
+    return Serving(roots, sites, config, https_port, proxy, first)
+
+
 # -- tests --------------------------------------------------------------------------------
 
 
@@ -217,12 +242,8 @@ def test_scheduled_renewal_under_load_keeps_connections_and_requests_working(
 ) -> None:
     validity = 30  # renewal due when 10 s remain: ~20 s after issuance
     pebble = pebbles(validity=validity)
-    roots = pebble.write_roots(tmp_path / "roots.pem")
-    sites = [{"hosts": ["renew.test"], "upstreams": [upstream.url]}]
-    config, https_port = acme_config(tmp_path / "proxy", pebble, sites)
-    proxy = start_proxy(config, https_port, pebble.http_port)
-    proxies.append(proxy)
-    first = eventually(lambda: acme_serial(proxy, "renew.test", roots), 15, "first certificate")
+    up = serve_first(tmp_path, pebble, proxies, upstream, "renew.test")
+    roots, https_port, proxy, first = up.roots, up.https_port, up.proxy, up.first
     cert = served_certificate(https_port, "renew.test", roots)
     not_before = ssl.cert_time_to_seconds(str(cert["notBefore"]))
     not_after = ssl.cert_time_to_seconds(str(cert["notAfter"]))
@@ -286,12 +307,8 @@ def test_renew_force_while_the_proxy_runs_is_served_within_ten_seconds(
     upstream: RawUpstream,
 ) -> None:
     pebble = pebbles()
-    roots = pebble.write_roots(tmp_path / "roots.pem")
-    sites = [{"hosts": ["force.test"], "upstreams": [upstream.url]}]
-    config, https_port = acme_config(tmp_path / "proxy", pebble, sites)
-    proxy = start_proxy(config, https_port, pebble.http_port)
-    proxies.append(proxy)
-    first = eventually(lambda: acme_serial(proxy, "force.test", roots), 15, "first certificate")
+    up = serve_first(tmp_path, pebble, proxies, upstream, "force.test")
+    roots, config, proxy, first = up.roots, up.config, up.proxy, up.first
 
     result = tlsproxy("renew", "--config", str(config))
     assert result.returncode == 0, result.stderr
@@ -408,12 +425,8 @@ def test_ca_down_at_renewal_keeps_the_old_certificate_and_retries_until_it_is_ba
     upstream: RawUpstream,
 ) -> None:
     pebble = pebbles(validity=20)  # renewal due ~13 s after issuance
-    roots = pebble.write_roots(tmp_path / "roots.pem")
-    sites = [{"hosts": ["down.test"], "upstreams": [upstream.url]}]
-    config, https_port = acme_config(tmp_path / "proxy", pebble, sites)
-    proxy = start_proxy(config, https_port, pebble.http_port)
-    proxies.append(proxy)
-    first = eventually(lambda: acme_serial(proxy, "down.test", roots), 15, "first certificate")
+    up = serve_first(tmp_path, pebble, proxies, upstream, "down.test")
+    roots, config, proxy, first = up.roots, up.config, up.proxy, up.first
     pebble.stop()
 
     log = wait_for_log(proxy, r"order for down.test failed \(attempt 1\)", timeout=20)
@@ -444,12 +457,8 @@ def test_a_site_added_by_sighup_reload_gets_its_certificate(
     upstream: RawUpstream,
 ) -> None:
     pebble = pebbles()
-    roots = pebble.write_roots(tmp_path / "roots.pem")
-    sites = [{"hosts": ["one.test"], "upstreams": [upstream.url]}]
-    config, https_port = acme_config(tmp_path / "proxy", pebble, sites)
-    proxy = start_proxy(config, https_port, pebble.http_port)
-    proxies.append(proxy)
-    first = eventually(lambda: acme_serial(proxy, "one.test", roots), 15, "first certificate")
+    up = serve_first(tmp_path, pebble, proxies, upstream, "one.test")
+    roots, sites, https_port, proxy, first = up.roots, up.sites, up.https_port, up.proxy, up.first
 
     sites.append({"hosts": ["two.test"], "upstreams": [upstream.url]})
     acme_config(tmp_path / "proxy", pebble, sites, https_port=https_port)
