@@ -80,13 +80,6 @@ class Responder:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def dns() -> Iterator[LoopbackDNS]:
-    server = LoopbackDNS()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def storage(tmp_path: Path) -> FileStorage:
     return FileStorage(tmp_path / "data")

@@ -39,20 +39,6 @@ pytestmark = pytest.mark.skipif(not pebble_available(), reason="pebble is not in
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def dns() -> Iterator[LoopbackDNS]:
-    server = LoopbackDNS()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[RawUpstream]:
-    server = RawUpstream()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def pebbles(tmp_path: Path, dns: LoopbackDNS) -> Iterator[Callable[..., Pebble]]:
     started: list[Pebble] = []

@@ -124,13 +124,6 @@ HANDSHAKE_TIMEOUT = 1.0
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[RawUpstream]:
-    server = RawUpstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def refusing() -> Iterator[RefusingPort]:
     port = RefusingPort()
     yield port

@@ -32,20 +32,6 @@ pytestmark = [
 HOST = "app.test"
 
 
-@pytest.fixture(scope="module")
-def dns() -> Iterator[LoopbackDNS]:
-    server = LoopbackDNS()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[RawUpstream]:
-    server = RawUpstream()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()

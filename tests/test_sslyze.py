@@ -64,13 +64,6 @@ def sslyze() -> list[str]:
     return sslyze_command()
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[RawUpstream]:
-    server = RawUpstream()
-    yield server
-    server.close()
-
-
 @pytest.fixture(params=["uvloop", "asyncio"])
 def proxy(
     request: pytest.FixtureRequest, upstream: RawUpstream, tmp_path: Path

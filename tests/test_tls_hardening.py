@@ -201,13 +201,6 @@ def test_openssl_s_client_sees_the_unrecognized_name_alert(
 HANDSHAKE_TIMEOUT = 1.5
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[RawUpstream]:
-    server = RawUpstream()
-    yield server
-    server.close()
-
-
 @pytest.fixture(scope="module", params=["uvloop", "asyncio"])
 def proxy(
     request: pytest.FixtureRequest, upstream: RawUpstream, tmp_path_factory: pytest.TempPathFactory
