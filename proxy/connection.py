@@ -437,7 +437,7 @@ class ClientConnection(asyncio.Protocol):
             head_request=exchange.method == b"HEAD",
             client_http10=exchange.version == b"1.0",
             close=close,
-            extra=exchange.route.hsts_line,
+            hsts=exchange.route.hsts_line,
         )
         exchange.response = response
         exchange.status = status

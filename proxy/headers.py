@@ -1,7 +1,10 @@
 """What a request or response head may be, and what crosses the proxy: pure, no I/O.
 
-These rules belong to the proxy, not to the parser: they hold whichever HTTP parser feeds
-them. One pass over the headers both checks and rewrites them:
+Field syntax is the parser's job: llhttp, strict, refuses header names that are not
+tokens, control characters (NUL, bare CR, LF, ...) in values and obs-fold before anything
+reaches this module (tests/test_http_strict.py holds it to that). The rules here are the
+proxy's own and hold whichever parser feeds them; one pass over the headers both checks
+and rewrites them:
 - anything an upstream could frame differently from us is refused (RFC 9112 6.3, 11.2):
   Content-Length with Transfer-Encoding, several or malformed Content-Length values,
   Transfer-Encoding other than ``chunked`` or on HTTP/1.0, versions other than 1.0/1.1;
@@ -15,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 
@@ -44,10 +46,11 @@ FORWARDING = frozenset(
         b"forwarded",
     }
 )
-_SPECIAL = HOP_BY_HOP | FORWARDING | {b"host", b"content-length", b"expect"}
+_REQUEST_SPECIAL = HOP_BY_HOP | FORWARDING | {b"host", b"content-length", b"expect"}
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length", b"strict-transport-security"}
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB, in any header value
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HOST = re.compile(
     rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+(?::[0-9]{1,5})?"
@@ -65,15 +68,24 @@ class HTTPError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
 class Peer:
-    """What the proxy knows about one client connection, computed once per connection."""
+    """What the proxy knows about one client address, computed once per address.
 
-    ip: str
-    trusted: bool
-    port: bytes  # the listener port the client connected to, for X-Forwarded-Port
-    forwarded_for: bytes  # the RFC 7239 "for=" value for ``ip``
-    fixed_lines: bytes  # forwarding header lines that do not depend on the request
+    It also remembers the forwarding lines per ``Host`` for requests that carry no
+    forwarding headers of their own: a keep-alive connection asks for the same lines again
+    and again.
+    """
+
+    __slots__ = ("_lines", "forwarded_for", "ip", "port", "trusted")
+
+    _LINES_LIMIT = 64
+
+    def __init__(self, ip: str, trusted: bool, port: bytes, forwarded_for: bytes) -> None:
+        self.ip = ip
+        self.trusted = trusted
+        self.port = port  # the listener port the client connected to, for X-Forwarded-Port
+        self.forwarded_for = forwarded_for  # the RFC 7239 "for=" value for ``ip``
+        self._lines: dict[bytes, bytes] = {}
 
     @classmethod
     def from_address(
@@ -88,12 +100,25 @@ class Peer:
         trusted = any(address in network for network in trusted_networks)
         text = str(address)
         node = f'"[{text}]"' if address.version == 6 else text
-        port = str(listen_port).encode()
-        fixed = (
-            b"x-forwarded-for: %s\r\nx-forwarded-proto: https\r\nx-forwarded-port: %s\r\n"
-            b"x-real-ip: %s\r\n" % (text.encode(), port, text.encode())
-        )
-        return cls(text, trusted, port, node.encode(), fixed)
+        return cls(text, trusted, str(listen_port).encode(), node.encode())
+
+    def forwarding(self, host: bytes) -> bytes:
+        """The forwarding header lines for a request to ``host`` that brought none."""
+        lines = self._lines.get(host)
+        if lines is None:
+            if len(self._lines) >= self._LINES_LIMIT:
+                self._lines.clear()
+            ip = self.ip.encode()
+            lines = self._lines[host] = (
+                b"x-forwarded-for: %s\r\nx-forwarded-proto: https\r\nx-forwarded-port: %s\r\n"
+                b"x-real-ip: %s\r\nx-forwarded-host: %s\r\nforwarded: %s\r\n"
+                % (ip, self.port, ip, host, self._element(host))
+            )
+        return lines
+
+    def _element(self, host: bytes) -> bytes:
+        """This hop's RFC 7239 ``Forwarded`` element."""
+        return b"for=" + self.forwarded_for + b";host=" + _quote(host) + b";proto=https"
 
 
 class Request:
@@ -135,12 +160,9 @@ def _quote(value: bytes) -> bytes:
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def _check_fields(headers: RawHeaders) -> None:
-    names = b"".join(name for name, _ in headers)
-    if names and not _TOKEN.fullmatch(names):
-        raise HTTPError(400, "invalid character in a header name")
-    if _BAD_VALUE.search(b"\t".join(value for _, value in headers)):
-        raise HTTPError(400, "control character in a header value (bare CR/LF, NUL or obs-fold)")
+def _without(lines: list[bytes], named: set[bytes]) -> list[bytes]:
+    """``lines`` minus the header lines whose names ``Connection`` listed (rare)."""
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in named]
 
 
 def parse_request(
@@ -151,22 +173,25 @@ def parse_request(
         raise HTTPError(505, f"HTTP/{version.decode('latin-1')} is not supported")
     if method == b"CONNECT":
         raise HTTPError(501, "CONNECT is not supported by a reverse proxy")
-    _check_fields(headers)
-    hosts: list[bytes] = []
-    lengths: list[bytes] = []
+    host = b""
+    hosts = 0
+    length_value = b""
+    lengths = 0
     codings: list[bytes] = []
     connection: list[bytes] = []
     upgrade = b""
     received: dict[bytes, bytes] = {}
-    lines: list[tuple[bytes, bytes]] = []
+    lines: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
-        if lname not in _SPECIAL:
-            lines.append((lname, b"%s: %s\r\n" % (name, value)))
+        if lname not in _REQUEST_SPECIAL:
+            lines.append(b"%s: %s\r\n" % (name, value))
         elif lname == b"host":
-            hosts.append(value)
+            host = value
+            hosts += 1
         elif lname == b"content-length":
-            lengths.append(value)
+            length_value = value
+            lengths += 1
         elif lname == b"transfer-encoding":
             codings += _tokens(value) or [b""]
         elif lname == b"connection":
@@ -176,16 +201,22 @@ def parse_request(
         elif lname == b"expect":
             if value.strip().lower() != b"100-continue":
                 raise HTTPError(417, "only 'Expect: 100-continue' is understood")
-            lines.append((lname, b"expect: 100-continue\r\n"))
-        elif lname in FORWARDING and peer.trusted:
+            lines.append(b"expect: 100-continue\r\n")
+        elif peer.trusted and lname in FORWARDING:
             previous = received.get(lname)
             received[lname] = value if previous is None else previous + b", " + value
-    if len(hosts) != 1 and version == b"1.1":
+    if hosts != 1 and version == b"1.1":
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
-    host = hosts[0] if hosts else b""
-    if len(hosts) > 1 or (host and not _HOST.fullmatch(host)):
+    if hosts > 1 or (host and not _HOST.fullmatch(host)):
         raise HTTPError(400, "invalid Host header")
-    target = _origin_form(method, target, host)
+    keep_alive = version == b"1.1"
+    if connection:
+        keep_alive = keep_alive and b"close" not in connection
+        named = set(connection) - _CONNECTION_OPTIONS
+        if named:
+            lines = _without(lines, named)
+    if target[:1] != b"/":
+        target = _origin_form(method, target, host)
     if codings:
         if version == b"1.0":
             raise HTTPError(400, "Transfer-Encoding on an HTTP/1.0 request")
@@ -194,36 +225,28 @@ def parse_request(
         if codings != [b"chunked"]:
             raise HTTPError(501, "only 'Transfer-Encoding: chunked' is supported")
         framing, length = CHUNKED, 0
+        lines.append(b"transfer-encoding: chunked\r\n")
     elif lengths:
-        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0]):
+        if lengths > 1 or not _DIGITS.fullmatch(length_value):
             raise HTTPError(400, "invalid or repeated Content-Length")
-        length = int(lengths[0])
+        length = int(length_value)
         framing = LENGTH if length else NO_BODY
+        lines.append(b"content-length: %d\r\n" % length)
     else:
         framing, length = NO_BODY, 0
-    websocket = upgrade == b"websocket" and b"upgrade" in connection and method == b"GET"
-    if upgrade and not websocket and b"h2c" in _tokens(upgrade):
-        raise HTTPError(400, "Upgrade: h2c is not supported")
-    named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
-    if named:
-        lines = [line for line in lines if line[0] not in named]
-    head = [method, b" ", target, b" HTTP/1.1\r\n", b"host: ", host, b"\r\n"]
-    head += [line for _, line in lines]
-    if lengths:
-        head.append(b"content-length: %d\r\n" % length)
-    elif framing == CHUNKED:
-        head.append(b"transfer-encoding: chunked\r\n")
-    if websocket:
-        head.append(b"connection: upgrade\r\nupgrade: websocket\r\n")
-    head.append(_forwarding(peer, host, received))
-    head.append(b"\r\n")
-    keep_alive = version == b"1.1" and b"close" not in connection
-    return Request(host, target, framing, length, keep_alive, websocket, b"".join(head))
+    websocket = False
+    if upgrade:
+        websocket = upgrade == b"websocket" and b"upgrade" in connection and method == b"GET"
+        if websocket:
+            lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n")
+        elif b"h2c" in _tokens(upgrade):
+            raise HTTPError(400, "Upgrade: h2c is not supported")
+    lines.append(_forwarding(peer, host, received) if received else peer.forwarding(host))
+    head = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (method, target, host, b"".join(lines))
+    return Request(host, target, framing, length, keep_alive, websocket, head)
 
 
 def _origin_form(method: bytes, target: bytes, host: bytes) -> bytes:
-    if target[:1] == b"/":
-        return target
     if target == b"*" and method == b"OPTIONS":
         return target
     absolute = _ABSOLUTE.fullmatch(target)
@@ -236,10 +259,9 @@ def _origin_form(method: bytes, target: bytes, host: bytes) -> bytes:
 
 
 def _forwarding(peer: Peer, host: bytes, received: dict[bytes, bytes]) -> bytes:
-    element = b"for=" + peer.forwarded_for + b";host=" + _quote(host) + b";proto=https"
-    if not received:
-        return peer.fixed_lines + b"x-forwarded-host: %s\r\nforwarded: %s\r\n" % (host, element)
+    """Forwarding lines that extend what a trusted proxy in front of us sent."""
     ip = peer.ip.encode()
+    element = peer._element(host)
     prior_for = received.get(b"x-forwarded-for")
     prior = received.get(b"forwarded")
     values = (
@@ -282,39 +304,44 @@ def parse_response(
     head_request: bool,
     client_http10: bool,
     close: bool,
-    extra: bytes = b"",
+    hsts: bytes = b"",
 ) -> Response:
     """Check an upstream response head and build the head for the client (raises HTTPError).
 
-    ``extra`` is added verbatim (e.g. an HSTS line) unless the upstream set that header.
+    ``hsts`` (a whole ``Strict-Transport-Security`` line) is added unless the upstream set
+    that header itself.
     """
-    _check_fields(headers)
     lines: list[bytes] = []
-    lengths: list[bytes] = []
+    length_value = b""
+    lengths = 0
     codings: list[bytes] = []
     connection: list[bytes] = []
-    names: set[bytes] = set()
     for name, value in headers:
         lname = name.lower()
-        if lname == b"content-length":
-            lengths.append(value)
+        if lname not in _RESPONSE_SPECIAL:
+            lines.append(b"%s: %s\r\n" % (name, value))
+        elif lname == b"content-length":
+            length_value = value
+            lengths += 1
         elif lname == b"transfer-encoding":
             codings += _tokens(value) or [b""]
         elif lname == b"connection":
             connection += _tokens(value)
-        elif lname in HOP_BY_HOP and not (status == 101 and lname == b"upgrade"):
-            continue
-        else:
-            names.add(lname)
+        elif lname == b"strict-transport-security":
+            hsts = b""  # the upstream's own policy wins
             lines.append(b"%s: %s\r\n" % (name, value))
-    if len(lengths) > 1 or (lengths and not _DIGITS.fullmatch(lengths[0])):
+        elif status == 101 and lname == b"upgrade":
+            lines.append(b"%s: %s\r\n" % (name, value))
+    if lengths and (lengths > 1 or not _DIGITS.fullmatch(length_value)):
         raise HTTPError(502, "upstream sent an invalid or repeated Content-Length")
     if codings and (lengths or codings != [b"chunked"]):
         raise HTTPError(502, "upstream sent a Transfer-Encoding the proxy cannot frame")
-    named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
-    if named:
-        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
-    length = int(lengths[0]) if lengths else 0
+    keep_alive = version == b"1.1"
+    if connection:
+        keep_alive = keep_alive and b"close" not in connection
+        named = set(connection) - _CONNECTION_OPTIONS
+        if named:
+            lines = _without(lines, named)
     if head_request or status < 200 or status == 204 or status == 304:
         framing = NO_BODY
     elif codings:
@@ -323,8 +350,9 @@ def parse_response(
         framing = LENGTH
     else:
         framing = UNTIL_CLOSE
+        keep_alive = False
     if lengths and (framing == LENGTH or head_request or status == 304):
-        lines.append(b"content-length: %s\r\n" % lengths[0])
+        lines.append(b"content-length: %s\r\n" % length_value)
     chunked = framing in (CHUNKED, UNTIL_CLOSE) and not client_http10
     if chunked:
         lines.append(b"transfer-encoding: chunked\r\n")
@@ -332,8 +360,7 @@ def parse_response(
         lines.append(b"connection: upgrade\r\n")
     elif close or client_http10:
         lines.append(b"connection: close\r\n")
-    if extra and extra.split(b":", 1)[0] not in names:
-        lines.append(extra)
+    if hsts:
+        lines.append(hsts)
     head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
-    keep_alive = version == b"1.1" and b"close" not in connection and framing != UNTIL_CLOSE
-    return Response(head, framing, length, chunked, keep_alive)
+    return Response(head, framing, int(length_value) if lengths else 0, chunked, keep_alive)
