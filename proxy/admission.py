@@ -34,7 +34,8 @@ A handshake in progress holds its place under ``max_connections`` until it compl
 fails, its ``SSLObject`` is freed, or ``handshake_timeout`` (plus ``GRACE``) has passed,
 whichever comes first: on the default loop a client that vanished may be counted that long.
 Deadlines are swept lazily (at each accept and each scrape) from a queue ordered by start
-time: no timer per connection. Costs on the data path: none (only handshakes are wrapped).
+time: no timer per connection. Costs on the data path: none (only handshakes are wrapped,
+and reads and writes go straight to the C object, skipping ``ssl.SSLObject``'s wrappers).
 """
 
 from __future__ import annotations
@@ -184,6 +185,11 @@ class GatedSSLObject(ssl.SSLObject):
         obj = super()._create(incoming, outgoing, *args, **kw)  # type: ignore[misc]
         obj._outgoing = outgoing
         obj._ticket = None
+        # The loops call these once or more per received or sent record; ssl.SSLObject
+        # wraps each in a Python method that only forwards to the C object. Bound to the
+        # instance they skip that frame (the loops bind them after wrap_bio).
+        inner = obj._sslobj
+        obj.read, obj.write, obj.pending = inner.read, inner.write, inner.pending
         return obj
 
     def do_handshake(self) -> None:

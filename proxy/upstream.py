@@ -190,6 +190,8 @@ class UpstreamPool:
             idle.remove(conn)
 
     def is_up(self, upstream: Upstream) -> bool:
+        if not self._down_until:  # the usual case, without hashing ``upstream``
+            return True
         until = self._down_until.get(upstream)
         return until is None or until <= time.monotonic()
 
@@ -224,11 +226,14 @@ class Balancer:
 
     def __init__(self, upstreams: Sequence[Upstream], pool: UpstreamPool) -> None:
         self._upstreams = tuple(upstreams)
+        self._single = self._upstreams[0] if len(self._upstreams) == 1 else None
         self._pool = pool
         self._next = 0
 
     def pick(self, exclude: frozenset[Upstream] = frozenset()) -> Upstream | None:
         """The next healthy upstream; when all are down, still try one (it may be back)."""
+        if self._single is not None and not exclude:
+            return self._single
         count = len(self._upstreams)
         start = self._next
         self._next = (start + 1) % count
