@@ -11,6 +11,8 @@ Design rules:
   the client can tell the body is incomplete.
 - Timeouts are deadlines checked by one sweep per second for all connections (see
   :meth:`Runtime.sweep`), not a timer per request.
+- Every socket write, both ways, goes through the runtime's :class:`WriteBatch` and leaves
+  at the end of the loop iteration; closing a connection sends what waits first.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from proxy.router import Route, Router
 from proxy.tasks import spawn
 from proxy.tls import sni_matches_host, sni_of
 from proxy.upstream import UpstreamConnection, UpstreamPool
+from proxy.writebatch import WriteBatch
 
 log = logging.getLogger("tlsproxy.proxy")
 
@@ -70,6 +73,7 @@ class Runtime:
     pool: UpstreamPool
     access_log: AccessLog | None
     connections: set[ClientConnection] = field(default_factory=set)
+    batch: WriteBatch = field(default_factory=WriteBatch)  # every socket write goes through it
     draining: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set: draining, none left
 
@@ -137,6 +141,7 @@ class ClientConnection(asyncio.Protocol):
         self.settings = runtime.settings
         self.listen_port = listen_port
         self.loop = asyncio.get_running_loop()
+        self.batch = runtime.batch
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
         self.sni: str | None = None  # the server name the client asked for in its handshake
@@ -174,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         self.queue.clear()
         if self.tunnel is not None:
+            self.batch.flush()  # what the client sent last (a WebSocket close frame) goes first
             self.tunnel.close()
             self.tunnel = None
         if exchange is not None and exchange.upstream is not None:
@@ -184,7 +190,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.deadline = self.loop.time() + self.settings.websocket_idle_timeout
             if self.tunnel.transport is not None:
-                self.tunnel.transport.write(data)
+                self.batch.write(self.tunnel.transport, data)
             return
         # Upstream writes wait until the whole chunk is parsed: a bad body in the same
         # packet then stops the request before any of it leaves, and head and body go out
@@ -371,7 +377,7 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.current
         conn = exchange.upstream if exchange is not None else None
         if conn is not None and conn.transport is not None:
-            conn.transport.writelines(chunks)
+            self.batch.write(conn.transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     # -- response events (from the upstream's ResponseReader) ---------------------------
 
@@ -396,13 +402,13 @@ class ClientConnection(asyncio.Protocol):
         if out is not None:
             out.append(data)
         elif self.transport is not None:
-            self.transport.write(data)
+            self.batch.write(self.transport, data)
 
     def _flush_client(self) -> None:
         out = self.client_out
         self.client_out = None
         if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.batch.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def response_head(
         self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
@@ -487,7 +493,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel = None
             if self.transport is not None:
-                self.transport.close()
+                self._close(self.transport)
             return
         exchange = self.current
         if exchange is None or exchange.upstream is None:
@@ -534,15 +540,15 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         self._set_deadline(_TUNNEL, self.settings.websocket_idle_timeout)
         if rest:
-            transport.write(rest)
+            self.batch.write(transport, rest)
         if exchange.pending and conn.transport is not None:
-            conn.transport.writelines(exchange.pending)
+            self.batch.write(conn.transport, b"".join(exchange.pending))
         self._resume(_UPGRADING)
 
     def tunnel_to_client(self, data: bytes) -> None:
         self.deadline = self.loop.time() + self.settings.websocket_idle_timeout
         if self.transport is not None:
-            self.transport.write(data)
+            self.batch.write(self.transport, data)
 
     # -- the end of an exchange --------------------------------------------------------
 
@@ -556,11 +562,11 @@ class ClientConnection(asyncio.Protocol):
         request = exchange.request
         if not exchange.request_done or not request.keep_alive or request.websocket:
             self._flush_client()
-            transport.close()
+            self._close(transport)
             return
         if self.runtime.draining:
             self._flush_client()
-            transport.close()
+            self._close(transport)
             return
         if self.queue:
             following = self.queue.popleft()
@@ -611,6 +617,7 @@ class ClientConnection(asyncio.Protocol):
                 "response to %s cut short: site=%s upstream=%s: %s", client, site, origin, why
             )
             self._log(exchange, upstream)
+            self.batch.flush()  # what was sent before the failure still goes out first
             transport.abort()
             return
         self._flush_client()  # a response before this one may still be held back
@@ -621,7 +628,7 @@ class ClientConnection(asyncio.Protocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, phrase, len(body))
         )
-        transport.write(head if exchange.method == b"HEAD" else head + body)
+        self.batch.write(transport, head if exchange.method == b"HEAD" else head + body)
         exchange.status = status
         exchange.sent = len(body)
         if exchange.method:
@@ -629,7 +636,7 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         self.queue.clear()
         self._pause(_CLOSING)
-        transport.close()
+        self._close(transport)
 
     def _log(self, exchange: Exchange, upstream: Upstream | None) -> None:
         route = exchange.route
@@ -669,6 +676,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._resume(_QUEUED)
 
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close the client connection once what is waiting in the write batch is sent."""
+        self.batch.flush()
+        transport.close()
+
     def _set_deadline(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind
         self.deadline = self.loop.time() + seconds
@@ -684,7 +696,7 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.current
         if kind in (_IDLE, _TUNNEL) or exchange is None:
-            transport.close()
+            self._close(transport)
         elif kind == _HEAD:
             self._fail(
                 exchange,
@@ -714,6 +726,6 @@ class ClientConnection(asyncio.Protocol):
     def close_if_idle(self) -> bool:
         """Close now when no request is in flight (graceful shutdown); True if closed."""
         if self.current is None and self.tunnel is None and self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
             return True
         return False

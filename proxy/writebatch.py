@@ -1,0 +1,52 @@
+"""Socket writes of one event-loop iteration, sent back to back at its end.
+
+A send on a socket whose reader sleeps also wakes that reader, and on loopback (an app or
+a sidecar on the same host, the benchmark) the sender's CPU pays for the wake-up. Written
+as they are produced, between the handling of one ready event and the next, the writes of
+a busy iteration wake the same peer again and again; sent together once every ready event
+has been handled, they wake each peer about once, with more work waiting for it. Measured
+on keep-alive GETs (wrk and nginx on the other core): 39-41 -> 33 us of proxy CPU per
+request, p99 6 -> 3.3 ms.
+
+Writes keep their order per transport. Whoever closes or aborts a transport that may have
+writes waiting calls :meth:`WriteBatch.flush` first, so nothing is cut off or reordered.
+Bulk data does not wait: past ``LIMIT`` bytes the batch is sent at once, so a transport's
+write buffer (and its ``pause_writing``, which stops the reading side) sees a streamed body
+as it arrives. libuv reads a busy socket up to 32 times per wake-up; held back, those reads
+would pile up here instead of pausing the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+LIMIT = 64 * 1024  # bytes held before the batch is sent without waiting for the iteration end
+
+
+class WriteBatch:
+    """Writes waiting for the end of the current loop iteration (one batch per loop)."""
+
+    __slots__ = ("_size", "_waiting")
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[asyncio.WriteTransport, bytes]] = []
+        self._size = 0
+
+    def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        waiting = self._waiting
+        if not waiting:
+            asyncio.get_running_loop().call_soon(self.flush)  # after this iteration's I/O
+        waiting.append((transport, data))
+        self._size += len(data)
+        if self._size > LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything waiting, in order (transports closed meanwhile are skipped)."""
+        waiting = self._waiting
+        if waiting:
+            self._waiting = []
+            self._size = 0
+            for transport, data in waiting:
+                if not transport.is_closing():
+                    transport.write(data)
