@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -209,6 +210,11 @@ async def _serve(
     finally:
         loop = asyncio.get_running_loop()
         loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, signals)
+    # What exists now (modules, configuration, certificates) lives as long as the process:
+    # out of the collector's sight, full collections no longer walk it again and again
+    # while connections come and go. (Only here: an embedding application decides for its
+    # own process.)
+    gc.freeze()
 
     async def reload() -> None:
         if reload_config is None:

@@ -50,6 +50,7 @@ log = logging.getLogger("tlsproxy.proxy")
 
 MAX_PIPELINED = 16  # queued requests before reading from the client pauses
 MAX_BUFFERED = 256 * 1024  # request body bytes buffered while waiting for an upstream
+PEERS_CACHED = 4096  # client addresses whose Peer is kept (the cache starts over when full)
 
 # Reasons to stop reading from the client (bit flags: reading resumes when none is left).
 _CONNECTING = 1  # the current request has no upstream connection yet
@@ -74,6 +75,7 @@ class Runtime:
     access_log: AccessLog | None
     connections: set[ClientConnection] = field(default_factory=set)
     batch: WriteBatch = field(default_factory=WriteBatch)  # every socket write goes through it
+    peers: dict[tuple[str, int], Peer] = field(default_factory=dict)  # by (client IP, port)
     draining: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)  # set: draining, none left
 
@@ -83,6 +85,17 @@ class Runtime:
         while True:
             await asyncio.sleep(interval)
             self.sweep(loop.time())
+
+    def peer(self, ip: str, listen_port: int) -> Peer:
+        """What we know about a client address, worked out once per address (and reload)."""
+        key = (ip, listen_port)
+        peer = self.peers.get(key)
+        if peer is None:
+            if len(self.peers) >= PEERS_CACHED:
+                self.peers.clear()
+            peer = Peer.from_address(ip, listen_port, self.settings.trusted_proxies)
+            self.peers[key] = peer
+        return peer
 
     def sweep(self, now: float) -> None:
         """Expire every connection whose deadline has passed (called about once a second)."""
@@ -164,8 +177,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
-        peername = transport.get_extra_info("peername")
-        self.peer = Peer.from_address(peername[0], self.listen_port, self.settings.trusted_proxies)
+        self.peer = self.runtime.peer(transport.get_extra_info("peername")[0], self.listen_port)
         self.sni = sni_of(transport)
         self.runtime.connections.add(self)
         self._set_deadline(_IDLE, self.settings.keepalive_timeout)

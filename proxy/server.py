@@ -256,6 +256,7 @@ class Proxy:
         await asyncio.to_thread(self._certs.reload, config.sites, config.tls, config.acme)
         runtime = self.runtime
         runtime.settings = new
+        runtime.peers.clear()  # trusted_proxies may have changed
         runtime.pool.connect_timeout = new.upstream_connect_timeout
         runtime.access_log = None if new.access_log == "off" else AccessLog(new.access_log)
         runtime.router = Router(config.sites, runtime.pool)
