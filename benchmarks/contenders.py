@@ -22,7 +22,8 @@ from benchmarks.procs import Processes, Started, free_port, wait_for_port
 TEMPLATES = Path(__file__).resolve().parent / "peers"
 ROOT = Path(__file__).resolve().parent.parent
 OURS = "tlsproxy"
-PEERS = ("nginx", "haproxy", "caddy", "mitmproxy")
+OURS_2W = "tlsproxy-2w"  # ours with two worker processes on the same core: their overhead
+PEERS = (OURS_2W, "nginx", "haproxy", "caddy", "mitmproxy")
 SMALL_BODY = b"hello, bench\n"
 
 
@@ -131,13 +132,20 @@ def _nginx_argv(nginx: str, conf: Path, directory: Path) -> list[str]:
     return [nginx, "-c", str(conf), "-p", f"{directory}/", "-e", str(directory / "startup.log")]
 
 
-def launch_tlsproxy(setup: Setup) -> Launch:
-    """Ours: ``python -m proxy run`` from the snapshot, one worker, no access log."""
+def launch_tlsproxy(setup: Setup, workers: int = 1) -> Launch:
+    """Ours: ``python -m proxy run`` from the snapshot, no access log, ``workers`` processes
+    (pinned like every contender: two workers share one core, so CPU per request shows
+    what a second worker costs)."""
     port = free_port()
-    conf = render("tlsproxy.toml", _common(setup, port), setup.directory)
+    name = OURS if workers == 1 else OURS_2W
+    values = {**_common(setup, port), "WORKERS": workers}
+    directory = setup.directory / name
+    directory.mkdir(exist_ok=True)
+    conf = render("tlsproxy.toml", {**values, "DIR": directory}, directory)
     argv = [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
     env = {"PYTHONPATH": str(setup.proxy_root), "PYTHONDONTWRITEBYTECODE": "1"}
-    return Launch(OURS, _our_version(), argv, port, env, setup.proxy_root)
+    version = _our_version() + ("" if workers == 1 else f", {workers} workers")
+    return Launch(name, version, argv, port, env, setup.proxy_root)
 
 
 def _our_version() -> str:
@@ -213,6 +221,7 @@ def launch_mitmproxy(setup: Setup) -> Launch:
 
 LAUNCHERS: dict[str, Callable[[Setup], Launch]] = {
     OURS: launch_tlsproxy,
+    OURS_2W: lambda setup: launch_tlsproxy(setup, 2),
     "nginx": launch_nginx,
     "haproxy": launch_haproxy,
     "caddy": launch_caddy,
