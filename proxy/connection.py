@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import cast
@@ -149,6 +148,31 @@ class Exchange:
 class ClientConnection(asyncio.Protocol):
     """Relays requests from one client connection to upstreams and responses back."""
 
+    __slots__ = (
+        "batch",
+        "buffered",
+        "client_out",
+        "current",
+        "deadline",
+        "deadline_kind",
+        "deferred_error",
+        "listen_port",
+        "loop",
+        "outbox",
+        "paused",
+        "peer",
+        "queue",
+        "reader",
+        "receiving",
+        "runtime",
+        "settings",
+        "sni",
+        "sni_host",
+        "transport",
+        "tunnel",
+        "writing_paused",
+    )
+
     def __init__(self, runtime: Runtime, listen_port: int) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
@@ -162,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
         self.reader = RequestReader(self, self.settings.max_header_bytes, self.settings.max_headers)
         self.current: Exchange | None = None  # the exchange being answered
         self.receiving: Exchange | None = None  # the exchange whose request is being read
-        self.queue: deque[Exchange] = deque()
+        self.queue: list[Exchange] = []  # pipelined; at most MAX_PIPELINED (a deque: 600 B)
         self.deferred_error: HTTPError | None = None  # a queued request's refusal, in order
         self.paused = 0
         self.buffered = 0  # request body bytes held in Exchange.pending
@@ -581,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
             self._close(transport)
             return
         if self.queue:
-            following = self.queue.popleft()
+            following = self.queue.pop(0)
             self.current = following
             self._check_backlog()
             if self.deferred_error is not None and following is self.receiving:

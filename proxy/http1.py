@@ -104,8 +104,9 @@ class RequestReader:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        headers, self._headers = self._headers, []  # not kept while the connection idles
         self._handler.request_head(
-            parser.get_method(), self._target, _version(parser.get_http_version()), self._headers
+            parser.get_method(), self._target, _version(parser.get_http_version()), headers
         )
 
     def on_body(self, body: bytes) -> None:
