@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -252,7 +253,36 @@ def body_json(response: bytes) -> Any:
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
-class RawUpstream:
+class LoopbackServer:
+    """A threaded TCP server on 127.0.0.1: each accepted connection gets a thread running
+    :meth:`serve`. Subclasses say what to do with a connection."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.accepted(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def accepted(self, conn: socket.socket) -> None:
+        """Called in the accepting thread before ``serve`` starts (bookkeeping)."""
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class RawUpstream(LoopbackServer):
     """A tiny threaded HTTP/1.1 upstream on loopback that records what reaches it.
 
     ``mode="ok"`` answers every request with 200 and keeps the connection open;
@@ -260,33 +290,19 @@ class RawUpstream:
     """
 
     def __init__(self, mode: str = "ok") -> None:
-        import threading
-
         self.mode = mode
         self.connections = 0
         self.requests: list[bytes] = []
         self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
         self._open: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        import threading
+    def accepted(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
+            self._open.append(conn)
 
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-                self._open.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         buffer = b""
         try:
             while True:
@@ -309,7 +325,7 @@ class RawUpstream:
             conn.close()
 
     def close(self) -> None:
-        self._sock.close()
+        super().close()
         with self._lock:
             for conn in self._open:
                 with contextlib.suppress(OSError):

@@ -15,31 +15,21 @@ from pathlib import Path
 import h11
 import pytest
 
-from tests.support import ProxyProcess
+from tests.support import LoopbackServer, ProxyProcess
 
 HOST = "s.test"
 
 
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     """Answers every request with 200 and records each request as h11 saw it."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[h11.Request, bytes]] = []
         self.raw = bytearray()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         parser = h11.Connection(h11.SERVER)
         request: h11.Request | None = None
         body = b""
@@ -75,9 +65,6 @@ class RecordingUpstream:
                     parser.start_next_cycle()
                 else:
                     return
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 @pytest.fixture(scope="module")

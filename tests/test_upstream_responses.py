@@ -9,13 +9,12 @@ headers and what ``Connection`` names are dropped, and bodies are re-framed.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import ProxyProcess, https_request
+from tests.support import LoopbackServer, ProxyProcess, https_request
 
 HOST = "r.test"
 HSTS = "max-age=600"
@@ -56,23 +55,10 @@ PASSED = {
 RESPONSES = REFUSED | PASSED
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackServer):
     """Answers ``GET /<case>`` with the bytes of that case, then closes the connection."""
 
-    def __init__(self) -> None:
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -84,9 +70,6 @@ class ScriptedUpstream:
             name = path[1:].replace("%20", " ")
             conn.sendall(RESPONSES[name])
             conn.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 @pytest.fixture(scope="module")
