@@ -363,7 +363,7 @@ class ClientConnection(asyncio.Protocol):
                 conn = await pool.connect(upstream)
                 break
             except TimeoutError:
-                metrics.upstream_error(route.site.name, "timeout")
+                metrics.upstream_error(route.name, "timeout")
                 pool.mark_down(upstream, "connect timed out")
                 self._fail(
                     exchange,
@@ -373,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
                 )
                 return
             except OSError as exc:
-                metrics.upstream_error(route.site.name, "refused")
+                metrics.upstream_error(route.name, "refused")
                 pool.mark_down(upstream, exc.strerror or str(exc))
                 exchange.tried |= {upstream}
                 following = route.balancer.pick(exchange.tried)
@@ -467,7 +467,7 @@ class ClientConnection(asyncio.Protocol):
                 )
                 self._to_client(interim.head.replace(b"transfer-encoding: chunked\r\n", b""))
             return
-        metrics.upstream_response(exchange.route.site.name, self.loop.time() - exchange.dispatched)
+        metrics.upstream_response(exchange.route.name, self.loop.time() - exchange.dispatched)
         if status == 101 and not request.websocket:
             raise HTTPError(502, "upstream switched protocols without being asked to")
         close = not request.keep_alive or request.websocket or self.runtime.draining
@@ -550,7 +550,7 @@ class ClientConnection(asyncio.Protocol):
             spawn(self._open(exchange, conn.upstream), name=f"reconnect {conn.upstream.url}")
             return
         if exchange.route is not None:
-            metrics.upstream_error(exchange.route.site.name, kind)
+            metrics.upstream_error(exchange.route.name, kind)
         self._fail(exchange, 502, reason, conn.upstream)
 
     def upstream_writing_paused(self, paused: bool) -> None:
@@ -639,7 +639,7 @@ class ClientConnection(asyncio.Protocol):
     def _fail(self, exchange: Exchange, status: int, why: str, upstream: Upstream | None) -> None:
         """Answer ``status`` ourselves (or cut the connection if a response has started)."""
         transport = self.transport
-        site = exchange.route.site.name if exchange.route is not None else "-"
+        site = exchange.route.name if exchange.route is not None else "-"
         origin = upstream.url if upstream is not None else "-"
         client = self.peer.ip if self.peer is not None else "-"
         if exchange.upstream is not None:
@@ -676,7 +676,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _log(self, exchange: Exchange, upstream: Upstream | None) -> None:
         route = exchange.route
-        metrics.request_done(route.site.name if route is not None else "-", exchange.status)
+        metrics.request_done(route.name if route is not None else "-", exchange.status)
         access_log = self.runtime.access_log
         if access_log is None:
             return
@@ -688,7 +688,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.status,
             exchange.sent,
             self.loop.time() - exchange.started,
-            exchange.route.site.name if exchange.route is not None else "",
+            exchange.route.name if exchange.route is not None else "",
             f"{upstream.host}:{upstream.port}" if upstream is not None else "",
         )
 
@@ -750,7 +750,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             upstream = exchange.upstream.upstream if exchange.upstream is not None else None
             if exchange.route is not None:
-                metrics.upstream_error(exchange.route.site.name, "timeout")
+                metrics.upstream_error(exchange.route.name, "timeout")
             self._fail(
                 exchange,
                 504,

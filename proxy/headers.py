@@ -150,6 +150,9 @@ class Request:
 
 
 def _tokens(value: bytes) -> list[bytes]:
+    if b"," not in value:  # the usual "keep-alive", "close", "chunked"
+        token = value.strip().lower()
+        return [token] if token else []
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 

@@ -16,6 +16,7 @@ class Route:
     site: Site
     balancer: Balancer
     hsts_line: bytes  # b"strict-transport-security: ...\r\n", or b"" when the site has none
+    name: str  # the site's name for logs and metrics (``Site.name``, looked up once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +46,9 @@ class Router:
         self._cache: dict[bytes, SiteRoutes | None] = {}
         for site in sites:
             hsts = b"strict-transport-security: %s\r\n" % site.hsts.encode() if site.hsts else b""
-            fallback = Route(site, Balancer(site.upstreams, pool), hsts)
+            fallback = Route(site, Balancer(site.upstreams, pool), hsts, site.name)
             prefixes = tuple(
-                (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts))
+                (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts, site.name))
                 for r in sorted(site.routes, key=lambda r: len(r.path), reverse=True)
             )
             routes = SiteRoutes(prefixes, fallback)
