@@ -207,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         self._set_deadline(_IDLE, self.settings.keepalive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.reader.close()  # frees this connection (and its transport) without the collector
         runtime = self.runtime
         runtime.connections.discard(self)
         if runtime.draining and not runtime.connections:

@@ -56,6 +56,28 @@ class RequestHandler(Protocol):
     def request_end(self) -> None: ...
 
 
+class _Closed:
+    """The handler of a closed RequestReader: nothing reaches it (the parser is inert too)."""
+
+    def request_begin(self) -> None:
+        pass
+
+    def request_head(
+        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        pass
+
+    def request_body(self, data: bytes) -> None:
+        pass
+
+    def request_end(self) -> None:
+        pass
+
+
+_CLOSED_HANDLER = _Closed()
+_CLOSED_PARSER = httptools.HttpRequestParser(_CLOSED_HANDLER)  # no callbacks: parses into thin air
+
+
 class RequestReader:
     """Parses requests from a client; enforces the head size and header count limits."""
 
@@ -81,6 +103,16 @@ class RequestReader:
     def feed(self, data: bytes) -> bytes | None:
         """Parse ``data``; after an accepted Upgrade head, return the bytes that follow it."""
         return _feed(self._parser, data, 400, "malformed request")
+
+    def close(self) -> None:
+        """Forget the parser and the handler (the connection is gone).
+
+        Both point back here, so without this a closed connection's objects (its transport
+        and TLS state too) wait for the cyclic garbage collector: about 20 objects per
+        connection, 3 % of the CPU with a new connection per request.
+        """
+        self._parser = _CLOSED_PARSER
+        self._handler = _CLOSED_HANDLER
 
     def on_message_begin(self) -> None:
         self._target = b""

@@ -78,6 +78,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
+        self.reader.handler = _NOBODY  # the parser must not keep a client connection alive
         owner, self.owner = self.owner, None
         if owner is not None:
             owner.upstream_lost(

@@ -19,6 +19,9 @@ would pile up here instead of pausing the sender.
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger("tlsproxy.proxy")
 
 LIMIT = 64 * 1024  # bytes held before the batch is sent without waiting for the iteration end
 
@@ -49,4 +52,7 @@ class WriteBatch:
             self._size = 0
             for transport, data in waiting:
                 if not transport.is_closing():
-                    transport.write(data)
+                    try:
+                        transport.write(data)
+                    except Exception:  # one broken transport must not strand the others' data
+                        log.exception("write to %r failed", transport)
