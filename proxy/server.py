@@ -30,6 +30,7 @@ from proxy.connection import ClientConnection, Runtime
 from proxy.plainhttp import Answer, PlainHTTPProtocol, text
 from proxy.router import Router
 from proxy.tasks import spawn
+from proxy.tlsconn import TLSListener
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("tlsproxy")
@@ -133,18 +134,15 @@ class Proxy:
             runtime.connections,
             settings.handshake_timeout,
         )
-        self.gate.install(context)
         for address in settings.https_listen:
 
             def client(port: int = address.port) -> ClientConnection:
                 return ClientConnection(runtime, port)
 
             server = await loop.create_server(
-                client,
+                TLSListener(context, self.gate, client),
                 address.host,
                 address.port,
-                ssl=context,
-                ssl_handshake_timeout=settings.handshake_timeout,
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
                 backlog=2048,

@@ -31,6 +31,7 @@ from proxy.admission import Gate
 from proxy.certstore import CertStore
 from proxy.internal_ca import InternalCA
 from proxy.tls import sni_matches_host, sni_of
+from proxy.tlsconn import TLSListener
 from tests.promparse import scrape
 from tests.support import ProxyProcess, RawUpstream, free_port, https_request, wait_until
 
@@ -80,11 +81,9 @@ async def listener(
     seen: list[str | None] = []
     protocol = type("Bound", (Recorder,), {"seen": seen})
     context = store.listener_context(reject_unknown=reject)
-    Gate(lambda: limit, set(), handshake_timeout=5).install(context)
+    gate = Gate(lambda: limit, set(), handshake_timeout=5)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        protocol, "127.0.0.1", 0, ssl=context, ssl_handshake_timeout=5
-    )
+    server = await loop.create_server(TLSListener(context, gate, protocol), "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1], seen
     finally:
