@@ -23,7 +23,7 @@ from josepy.jwk import JWK
 log = logging.getLogger("tlsproxy.acme")
 
 USER_AGENT = "tlsproxy-acme"
-BAD_NONCE_TRIES = 6  # attempts of one request while the CA answers badNonce
+BAD_NONCE_TRIES = 10  # attempts of one request while the CA answers badNonce
 
 
 class ACMEFailure(Exception):
