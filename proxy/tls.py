@@ -15,8 +15,8 @@ Policy (https://ssl-config.mozilla.org/, intermediate, v5.7):
   session tickets on, ALPN ``http/1.1``.
 
 The SNI callback (:mod:`proxy.certstore`) records on each connection's ``SSLObject`` the
-server name the client sent; :func:`sni_of` reads it back from the transport, the same way
-on uvloop and on the default asyncio loop (both expose the ``SSLObject`` as ``ssl_object``).
+server name the client sent; :func:`sni_of` reads it back from the transport's
+``ssl_object`` (:mod:`proxy.tlsconn` on either loop, or an asyncio TLS transport).
 """
 
 from __future__ import annotations
