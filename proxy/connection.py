@@ -715,8 +715,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self, transport: asyncio.Transport) -> None:
         """Close the client connection once what is waiting in the write batch is sent."""
-        self.batch.flush()
-        transport.close()
+        self.batch.close(transport)
 
     def _set_deadline(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind

@@ -166,7 +166,10 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             return
         self._ticket = None
         self._listener.gate.ended(ticket)
-        self._flush()  # the session tickets
+        if self._sslobj.version() != "TLSv1.3":  # TLS 1.2: our Finished, which the client awaits
+            self._flush()
+        # In TLS 1.3 only session tickets wait and no client waits for them: they leave with
+        # the first response, in its TCP write (a write less per connection).
         app = self._app = self._listener.app_factory()
         self._app_data = app.data_received
         app.connection_made(self)
@@ -202,6 +205,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             return
         read = self._read
         incoming = self._incoming
+        outgoing = self._outgoing.pending  # what waits to leave with the next write (tickets)
         chunks: list[bytes] = []
         closed = False
         while True:
@@ -224,7 +228,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         if closed and not self._closing:
             self.eof_received()
             self.close()
-        elif self._outgoing.pending:  # a reply to a key update
+        elif self._outgoing.pending > outgoing:  # a reply to a key update, an alert
             self._flush()
 
     def _flush(self) -> None:
@@ -282,13 +286,21 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
     def is_closing(self) -> bool:
         return self._closing
 
-    def close(self) -> None:
-        """Send what waits and a close_notify, then close the TCP connection."""
+    def close(self, last: bytes = b"") -> None:
+        """Send ``last``, a close_notify and anything else waiting in one TCP write, then close
+        the TCP connection."""
         if self._closing:
             return
         self._closing = True
         if self._tcp is None:
             return
+        if last:
+            try:
+                self._write(last)
+            except ssl.SSLError as exc:
+                log.debug("TLS error while writing: %s", exc.reason or exc)
+                self._tcp.abort()
+                return
         with contextlib.suppress(ssl.SSLError):  # "want read": not waiting for the client's
             self._sslobj.unwrap()
         self._flush()

@@ -285,23 +285,40 @@ def test_plain_http_to_the_tls_port_gets_400_and_is_never_forwarded(
 @pytest.mark.parametrize(
     "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
 )
-def test_tls_1_2_and_1_3_keep_alive_and_the_clients_close_notify_is_answered(
+def test_tls_1_2_and_1_3_keep_alive_and_close_notify_both_ways(
     proxy: ProxyProcess, upstream: RawUpstream, version: ssl.TLSVersion
 ) -> None:
     context = proxy.client_context()
     context.minimum_version = context.maximum_version = version
     body = b"raw upstream %d" % upstream.port
-    with connect(proxy) as raw, context.wrap_socket(raw, server_hostname="app.test") as tls:
+
+    def exchange(tls: ssl.SSLSocket, close: bool = False) -> bytes:
+        tls.sendall(
+            b"GET / HTTP/1.1\r\nHost: app.test\r\n%s\r\n" % (b"Connection: close\r\n" * close)
+        )
+        reply = b""
+        while not reply.endswith(body):
+            chunk = tls.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+        return reply
+
+    # The proxy closes (`Connection: close`): the response, then its close_notify. Without
+    # the close_notify a client that refuses ragged EOFs gets SSLEOFError instead of b"".
+    with (
+        connect(proxy) as raw,
+        context.wrap_socket(raw, server_hostname="app.test", suppress_ragged_eofs=False) as tls,
+    ):
         assert tls.version() == version.name.replace("_", ".")
-        for _ in range(3):  # one connection, three requests
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
-            reply = b""
-            while not reply.endswith(body):
-                chunk = tls.recv(65536)
-                assert chunk, reply
-                reply += chunk
-            assert reply.startswith(b"HTTP/1.1 200 "), reply
-        plain = tls.unwrap()  # our close_notify; the proxy answers with its own and closes
+        for _ in range(2):  # one connection, three requests
+            exchange(tls)
+        exchange(tls, close=True)
+        assert tls.recv(100) == b""
+    # The client closes: its close_notify is answered with ours.
+    with connect(proxy) as raw, context.wrap_socket(raw, server_hostname="app.test") as tls:
+        exchange(tls)
+        plain = tls.unwrap()
         plain.settimeout(5)
         assert plain.recv(100) == b""
 
