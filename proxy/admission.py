@@ -55,7 +55,7 @@ class Gate:
     ) -> None:
         self._limit = limit
         self._established = established
-        self.timeout = handshake_timeout
+        self._timeout = handshake_timeout
         self._tickets: deque[Ticket] = deque()  # by start time
         self._timer: asyncio.TimerHandle | None = None
         self.handshaking = 0
@@ -106,13 +106,13 @@ class Gate:
 
     def _arm(self, oldest: float) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(oldest + self.timeout, self._expire)
+        self._timer = loop.call_at(oldest + self._timeout, self._expire)
 
     def _expire(self) -> None:
         """End the handshakes whose time is up; re-arm for the oldest one left."""
         self._timer = None
         tickets = self._tickets
-        expired = asyncio.get_running_loop().time() - self.timeout
+        expired = asyncio.get_running_loop().time() - self._timeout
         while tickets:
             ticket = tickets[0]
             connection = ticket.connection

@@ -236,15 +236,18 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             self._tcp.write(self._outgoing.read())
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing:
-            return
+        if not self._closing and self._encrypt(data):
+            self._tcp.write(self._outgoing.read())  # type: ignore[union-attr]
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> bool:
+        """Records for ``data`` into the outgoing BIO; False if TLS failed (then aborted)."""
         try:
             self._write(data)
         except ssl.SSLError as exc:
             log.debug("TLS error while writing: %s", exc.reason or exc)
             self.abort()
-            return
-        self._tcp.write(self._outgoing.read())  # type: ignore[union-attr]
+            return False
+        return True
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -294,13 +297,8 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self._closing = True
         if self._tcp is None:
             return
-        if last:
-            try:
-                self._write(last)
-            except ssl.SSLError as exc:
-                log.debug("TLS error while writing: %s", exc.reason or exc)
-                self._tcp.abort()
-                return
+        if last and not self._encrypt(last):
+            return
         with contextlib.suppress(ssl.SSLError):  # "want read": not waiting for the client's
             self._sslobj.unwrap()
         self._flush()
