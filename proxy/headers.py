@@ -51,12 +51,14 @@ _RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length", b"strict-transport-security
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
+_MAX_DIGITS = 18  # a Content-Length longer than this is refused (it would not fit int64)
 _HOST = re.compile(
     rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+(?::[0-9]{1,5})?"
     rb"|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?"
 )
 _ABSOLUTE = re.compile(rb"https?://([^/?#@]+)([^#]*)", re.IGNORECASE)
+_VALID_HOSTS: set[bytes] = set()  # Host values that matched _HOST: requests repeat a few
+_VALID_HOSTS_MAX = 1024  # then the cache starts over (bounded whatever clients send)
 
 
 class HTTPError(Exception):
@@ -210,7 +212,7 @@ def parse_request(
             received[lname] = value if previous is None else previous + b", " + value
     if hosts != 1 and version == b"1.1":
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
-    if hosts > 1 or (host and not _HOST.fullmatch(host)):
+    if hosts > 1 or (host and host not in _VALID_HOSTS and not _valid_host(host)):
         raise HTTPError(400, "invalid Host header")
     keep_alive = version == b"1.1"
     if connection:
@@ -230,7 +232,7 @@ def parse_request(
         framing, length = CHUNKED, 0
         lines.append(b"transfer-encoding: chunked\r\n")
     elif lengths:
-        if lengths > 1 or not _DIGITS.fullmatch(length_value):
+        if lengths > 1 or not _is_length(length_value):
             raise HTTPError(400, "invalid or repeated Content-Length")
         length = int(length_value)
         framing = LENGTH if length else NO_BODY
@@ -247,6 +249,20 @@ def parse_request(
     lines.append(_forwarding(peer, host, received) if received else peer.forwarding(host))
     head = b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (method, target, host, b"".join(lines))
     return Request(host, target, framing, length, keep_alive, websocket, head)
+
+
+def _valid_host(host: bytes) -> bool:
+    if _HOST.fullmatch(host) is None:
+        return False
+    if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(host)
+    return True
+
+
+def _is_length(value: bytes) -> bool:
+    """1 to 18 ASCII digits (``bytes.isdigit`` knows no other digits)."""
+    return value.isdigit() and len(value) <= _MAX_DIGITS
 
 
 def _origin_form(method: bytes, target: bytes, host: bytes) -> bytes:
@@ -335,7 +351,7 @@ def parse_response(
             lines.append(b"%s: %s\r\n" % (name, value))
         elif status == 101 and lname == b"upgrade":
             lines.append(b"%s: %s\r\n" % (name, value))
-    if lengths and (lengths > 1 or not _DIGITS.fullmatch(length_value)):
+    if lengths and (lengths > 1 or not _is_length(length_value)):
         raise HTTPError(502, "upstream sent an invalid or repeated Content-Length")
     if codings and (lengths or codings != [b"chunked"]):
         raise HTTPError(502, "upstream sent a Transfer-Encoding the proxy cannot frame")
