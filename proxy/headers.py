@@ -170,6 +170,14 @@ def _without(lines: list[bytes], named: set[bytes]) -> list[bytes]:
     return [line for line in lines if line.split(b":", 1)[0].lower() not in named]
 
 
+def _connection_rules(
+    keep_alive: bool, connection: list[bytes], lines: list[bytes]
+) -> tuple[bool, list[bytes]]:
+    """The same rules both ways: ``close`` ends keep-alive, other named headers are hop-by-hop."""
+    named = set(connection) - _CONNECTION_OPTIONS
+    return keep_alive and b"close" not in connection, _without(lines, named) if named else lines
+
+
 def parse_request(
     method: bytes, target: bytes, version: bytes, headers: RawHeaders, peer: Peer
 ) -> Request:
@@ -216,10 +224,7 @@ def parse_request(
         raise HTTPError(400, "invalid Host header")
     keep_alive = version == b"1.1"
     if connection:
-        keep_alive = keep_alive and b"close" not in connection
-        named = set(connection) - _CONNECTION_OPTIONS
-        if named:
-            lines = _without(lines, named)
+        keep_alive, lines = _connection_rules(keep_alive, connection, lines)
     if target[:1] != b"/":
         target = _origin_form(method, target, host)
     if codings:
@@ -357,10 +362,7 @@ def parse_response(
         raise HTTPError(502, "upstream sent a Transfer-Encoding the proxy cannot frame")
     keep_alive = version == b"1.1"
     if connection:
-        keep_alive = keep_alive and b"close" not in connection
-        named = set(connection) - _CONNECTION_OPTIONS
-        if named:
-            lines = _without(lines, named)
+        keep_alive, lines = _connection_rules(keep_alive, connection, lines)
     if head_request or status < 200 or status == 204 or status == 304:
         framing = NO_BODY
     elif codings:
