@@ -243,7 +243,7 @@ class RedisStorage:
     def _listen(self, changed: Callable[[str], None], stop: threading.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.channel)
                 if backoff:

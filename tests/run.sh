@@ -39,7 +39,10 @@ fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "tlsproxy needs Python 3.11 or newer" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Every package at the version tests/constraints.txt pins (the build backend too: pip's
+# isolated build environment reads PIP_CONSTRAINT), so a new release cannot break a run.
+PIP_CONSTRAINT="$PWD/tests/constraints.txt" \
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy"; .venv/bin/mypy
