@@ -156,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "deadline_kind",
         "deferred_error",
+        "held",
         "listen_port",
         "loop",
         "outbox",
@@ -192,6 +193,7 @@ class ClientConnection(asyncio.Protocol):
         self.buffered = 0  # request body bytes held in Exchange.pending
         self.writing_paused = False
         self.tunnel: UpstreamConnection | None = None
+        self.held = b""  # what followed a WebSocket handshake: for the tunnel, if it opens
         self.outbox: list[bytes] | None = None  # upstream writes held while a chunk is parsed
         self.client_out: list[bytes] | None = None  # client writes held while one is parsed
         self.deadline = 0.0
@@ -244,11 +246,27 @@ class ClientConnection(asyncio.Protocol):
         self.outbox = None
         if outbox:
             self._send_upstream(outbox)
-        if rest is not None:  # a WebSocket handshake: hold the rest until the upstream agrees
+        if rest is not None:
+            self._after_upgrade_request(rest)
+
+    def _after_upgrade_request(self, rest: bytes) -> None:
+        """The parser stopped after a request with an Upgrade header; ``rest`` followed it.
+
+        Only a WebSocket handshake is forwarded as an upgrade. What follows it belongs to
+        no checked request: it is held here, never in an exchange's body, and reading
+        stops, until the upstream answers 101 (the tunnel opens and ``rest`` goes first) or
+        anything else (the connection closes after that answer; ``rest`` is dropped). Any
+        other Upgrade was removed from the forwarded request (hop-by-hop), so ``rest`` is
+        the client's next request and is parsed as one.
+        """
+        exchange = self.queue[-1] if self.queue else self.current
+        if exchange is None or exchange.request is None:  # refused: the connection closes
+            return
+        if exchange.request.websocket:
+            self.held = rest
             self._pause(_UPGRADING)
-            exchange = self.queue[-1] if self.queue else self.current
-            if exchange is not None and rest:
-                exchange.pending.append(rest)
+        elif rest:
+            self.data_received(rest)
 
     def eof_received(self) -> bool:
         return False
@@ -505,7 +523,8 @@ class ClientConnection(asyncio.Protocol):
     def response_end(self) -> None:
         exchange = self.current
         transport = self.transport
-        assert exchange is not None and transport is not None
+        assert exchange is not None and transport is not None and exchange.request is not None
+        request = exchange.request
         response = exchange.response
         if response is None or exchange.status == 101:  # interim, or a tunnel starts
             return
@@ -513,8 +532,9 @@ class ClientConnection(asyncio.Protocol):
             self._to_client(_LAST_CHUNK)
         upstream = exchange.upstream
         exchange.upstream = None
-        if upstream is not None:
-            self.runtime.pool.release(upstream, response.keep_alive and exchange.request_done)
+        if upstream is not None:  # one that saw a WebSocket handshake is never reused
+            reusable = response.keep_alive and exchange.request_done and not request.websocket
+            self.runtime.pool.release(upstream, reusable)
         self._log(exchange, upstream.upstream if upstream is not None else None)
         self._next()
 
@@ -578,8 +598,9 @@ class ClientConnection(asyncio.Protocol):
         self._set_deadline(_TUNNEL, self.settings.websocket_idle_timeout)
         if rest:
             self.batch.write(transport, rest)
-        if exchange.pending and conn.transport is not None:
-            self.batch.write(conn.transport, b"".join(exchange.pending))
+        held, self.held = self.held, b""
+        if held and conn.transport is not None:
+            self.batch.write(conn.transport, held)
         self._resume(_UPGRADING)
 
     def tunnel_to_client(self, data: bytes) -> None:

@@ -246,8 +246,15 @@ def parse_request(
         framing, length = NO_BODY, 0
     websocket = False
     if upgrade:
-        websocket = upgrade == b"websocket" and b"upgrade" in connection and method == b"GET"
+        websocket = (
+            upgrade == b"websocket"
+            and b"upgrade" in connection
+            and method == b"GET"
+            and version == b"1.1"
+        )
         if websocket:
+            if framing != NO_BODY:  # its bytes could not be told from the tunnel's
+                raise HTTPError(400, "a WebSocket handshake with a body")
             lines.append(b"connection: upgrade\r\nupgrade: websocket\r\n")
         elif b"h2c" in _tokens(upgrade):
             raise HTTPError(400, "Upgrade: h2c is not supported")

@@ -101,8 +101,13 @@ class RequestReader:
         self._size = 0
 
     def feed(self, data: bytes) -> bytes | None:
-        """Parse ``data``; after an accepted Upgrade head, return the bytes that follow it."""
-        return _feed(self._parser, data, 400, "malformed request")
+        """Parse ``data``; after a request with an Upgrade header, return the bytes that
+        follow it. llhttp stops there for good, so the parser is replaced: what the caller
+        feeds next is parsed as a new request (when the upstream did not switch)."""
+        rest = _feed(self._parser, data, 400, "malformed request")
+        if rest is not None and self._handler is not _CLOSED_HANDLER:
+            self._parser = httptools.HttpRequestParser(self)
+        return rest
 
     def close(self) -> None:
         """Forget the parser and the handler (the connection is gone).

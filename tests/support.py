@@ -74,7 +74,9 @@ class RefusingPort:
 class UvicornApp:
     """``examples.app`` (or another ASGI app) under a real uvicorn, trusting the proxy."""
 
-    def __init__(self, app: str = "examples.app:app", trusted: str = "127.0.0.1") -> None:
+    def __init__(
+        self, app: str = "examples.app:app", trusted: str = "127.0.0.1", extra: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
@@ -92,6 +94,7 @@ class UvicornApp:
                 trusted,
                 "--log-level",
                 "warning",
+                *extra,
             ],
             cwd=ROOT,
         )
