@@ -50,6 +50,8 @@ log = logging.getLogger("tlsproxy.proxy")
 MAX_PIPELINED = 16  # queued requests before reading from the client pauses
 MAX_BUFFERED = 256 * 1024  # request body bytes buffered while waiting for an upstream
 PEERS_CACHED = 4096  # client addresses whose Peer is kept (the cache starts over when full)
+# Methods a proxy may send again on its own (RFC 9110 9.2.2): no effect beyond the first.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Reasons to stop reading from the client (bit flags: reading resumes when none is left).
 _CONNECTING = 1  # the current request has no upstream connection yet
@@ -561,12 +563,15 @@ class ClientConnection(asyncio.Protocol):
         request = exchange.request
         assert request is not None
         if (
-            not exchange.head
-            and conn.reused
+            conn.reused
+            and not conn.answered
+            and exchange.method in IDEMPOTENT
             and request.framing == NO_BODY
-            and exchange.response is None
         ):
-            # A pooled connection the upstream closed just as we sent: safe to resend.
+            # A pooled connection the upstream closed just as the request went out, before a
+            # byte of an answer: the request can be sent again (RFC 9110 9.2.2), once.
+            if exchange.route is not None:
+                metrics.upstream_retry(exchange.route.name)
             self._pause(_CONNECTING)
             spawn(self._open(exchange, conn.upstream), name=f"reconnect {conn.upstream.url}")
             return

@@ -187,6 +187,12 @@ UPSTREAM_ERRORS = REGISTRY.counter(
     "Upstream failures by kind: refused, timeout, reset, invalid.",
     ["site", "kind"],
 )
+UPSTREAM_RETRIES = REGISTRY.counter(
+    "tlsproxy_upstream_retries_total",
+    "Idempotent requests sent again on a new connection after a pooled upstream connection "
+    "closed before any byte of a response.",
+    ["site"],
+)
 HANDSHAKE_FAILURES = REGISTRY.counter(
     "tlsproxy_tls_handshake_failures_total",
     "TLS handshakes that did not complete, by reason: timeout, protocol, unknown_sni, other.",
@@ -235,6 +241,10 @@ def upstream_error(site: str, kind: UpstreamError) -> None:
     values = UPSTREAM_ERRORS.values
     key = (site, kind)
     values[key] = values.get(key, 0.0) + 1.0
+
+
+def upstream_retry(site: str) -> None:
+    UPSTREAM_RETRIES.inc((site,))
 
 
 def handshake_failed(reason: HandshakeFailure) -> None:

@@ -48,12 +48,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.owner: Owner | None = None
         self.reused = False
+        self.answered = False  # a byte of a response to the current request has arrived
         self.tunnel = False
         self.reading_paused = False
         self.idle_since = 0.0  # when it went back to the pool (time.monotonic())
 
     def attach(self, owner: Owner, head_request: bool) -> None:
         self.owner = owner
+        self.answered = False
         self.reader.handler = owner
         self.reader.head_request = head_request
 
@@ -68,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             owner.tunnel_to_client(data)
         else:
+            self.answered = True
             owner.upstream_data(self, data)
 
     def eof_received(self) -> bool:
