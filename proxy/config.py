@@ -99,6 +99,7 @@ class ServerConfig:
     request_head_timeout: float = 10.0  # the whole request head must arrive within this -> 408
     request_body_timeout: float = 60.0  # longest pause between request body bytes -> 408
     websocket_idle_timeout: float = 600.0  # a WebSocket tunnel with no traffic is closed
+    send_timeout: float = 60.0  # a client that reads nothing this long is cut off, both sides
     max_header_bytes: int = 32 * 1024  # request line + headers; more -> 431
     max_headers: int = 100  # header fields in one request; more -> 431
     max_body_bytes: int = 0  # request body limit (0 = none); more -> 413
@@ -587,6 +588,7 @@ def _server(value: object) -> ServerConfig:
         request_head_timeout=t.get("request_head_timeout", _seconds, d.request_head_timeout),
         request_body_timeout=t.get("request_body_timeout", _seconds, d.request_body_timeout),
         websocket_idle_timeout=t.get("websocket_idle_timeout", _seconds, d.websocket_idle_timeout),
+        send_timeout=t.get("send_timeout", _seconds, d.send_timeout),
         max_header_bytes=t.get("max_header_bytes", _count(1024), d.max_header_bytes),
         max_headers=t.get("max_headers", _count(1), d.max_headers),
         max_body_bytes=t.get("max_body_bytes", _count(0), d.max_body_bytes),

@@ -99,9 +99,11 @@ class Runtime:
         return peer
 
     def sweep(self, now: float) -> None:
-        """Expire every connection whose deadline has passed (called about once a second)."""
+        """Expire every connection whose deadline has passed, or whose client has read
+        nothing for ``send_timeout`` (called about once a second)."""
+        stalled_before = now - self.settings.send_timeout
         for connection in list(self.connections):
-            if connection.deadline <= now:
+            if connection.deadline <= now or 0.0 < connection.stalled_since <= stalled_before:
                 connection.expire(now)
         self.pool.sweep(time.monotonic())
 
@@ -171,6 +173,7 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "sni",
         "sni_host",
+        "stalled_since",
         "transport",
         "tunnel",
         "writing_paused",
@@ -194,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.buffered = 0  # request body bytes held in Exchange.pending
         self.writing_paused = False
+        self.stalled_since = 0.0  # when writing to the client paused (0: it is not paused)
         self.tunnel: UpstreamConnection | None = None
         self.held = b""  # what followed a WebSocket handshake: for the tunnel, if it opens
         self.outbox: list[bytes] | None = None  # upstream writes held while a chunk is parsed
@@ -275,12 +279,14 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.stalled_since = self.loop.time()
         upstream = self.tunnel or (self.current.upstream if self.current else None)
         if upstream is not None:
             upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.stalled_since = 0.0
         upstream = self.tunnel or (self.current.upstream if self.current else None)
         if upstream is not None:
             upstream.resume_reading()
@@ -753,6 +759,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if 0.0 < self.stalled_since <= now - self.settings.send_timeout:
+            self._give_up_sending(transport)
+            return
         if kind == _UPSTREAM and self.writing_paused:  # the client is slow, not the upstream
             self.deadline = now + self.settings.upstream_timeout
             return
@@ -784,6 +793,19 @@ class ClientConnection(asyncio.Protocol):
                 upstream,
             )
         self.deadline = now + 3600.0
+
+    def _give_up_sending(self, transport: asyncio.Transport) -> None:
+        """The client has read nothing for ``send_timeout``: cut it off, and the upstream
+        connection (or tunnel) that feeds it, so neither is held by a client that left."""
+        why = f"the client read nothing for {self.settings.send_timeout:g} s (send_timeout)"
+        exchange = self.current
+        if exchange is not None and exchange.head:
+            upstream = exchange.upstream.upstream if exchange.upstream is not None else None
+            self._fail(exchange, 0, why, upstream)  # logs the cut-short response, aborts
+            return
+        log.warning("connection from %s closed: %s", self.peer.ip if self.peer else "-", why)
+        self.batch.flush()
+        transport.abort()  # connection_lost closes the tunnel or upstream connection
 
     def close_if_idle(self) -> bool:
         """Close now when no request is in flight (graceful shutdown); True if closed."""

@@ -17,7 +17,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as websocket_connect
 
-from tests.support import ProxyProcess, UvicornApp, body_json
+from tests.support import LoopbackServer, ProxyProcess, UvicornApp, body_json
 
 HOST = "limits.test"
 
@@ -141,3 +141,64 @@ def test_idle_websocket_is_closed(proxy: ProxyProcess) -> None:
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=15)
         assert time.monotonic() - started >= 2.5
+
+
+class EndlessUpstream(LoopbackServer):
+    """Streams a response that never ends; records when the proxy closed each connection."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\r\n")
+                block = b"x" * 65536
+                while True:
+                    conn.sendall(block)
+            except OSError:
+                self.closed.set()
+
+
+@pytest.fixture
+def endless(tmp_path: Path) -> Iterator[tuple[ProxyProcess, EndlessUpstream]]:
+    upstream = EndlessUpstream()
+    running = ProxyProcess.start(
+        tmp_path,
+        [{"hosts": [HOST], "upstreams": [upstream.url]}],
+        server={"send_timeout": 2, "upstream_timeout": 60},
+    )
+    yield running, upstream
+    running.stop()
+    upstream.close()
+
+
+def test_a_client_that_stops_reading_is_cut_off_with_its_upstream(
+    endless: tuple[ProxyProcess, EndlessUpstream],
+) -> None:
+    proxy, upstream = endless
+    with open_tls(proxy) as tls:
+        tls.sendall(b"GET /download HTTP/1.1\r\nHost: limits.test\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200 ")
+        # stop reading: the proxy's buffers fill, its writes to us stall
+        assert upstream.closed.wait(15), "the upstream connection is still held"
+        read_all(tls)  # what was in flight, then the end
+    assert "the client read nothing for 2 s (send_timeout)" in proxy.log()
+
+
+def test_a_reader_that_keeps_reading_is_not_cut_off_however_long_the_response(
+    endless: tuple[ProxyProcess, EndlessUpstream],
+) -> None:
+    """send_timeout bounds a stall, not a response: three of them pass while reading."""
+    proxy, upstream = endless
+    with open_tls(proxy) as tls:
+        tls.sendall(b"GET /download HTTP/1.1\r\nHost: limits.test\r\n\r\n")
+        received = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 6:
+            received += len(tls.recv(65536))
+            time.sleep(0.01)  # about 6 MB/s: buffers fill, and drain again
+        assert not upstream.closed.is_set()
+        assert received > 4 * 2**20  # more than all the buffers between us hold
