@@ -10,6 +10,9 @@ and rewrites them:
   Transfer-Encoding other than ``chunked`` or on HTTP/1.0, versions other than 1.0/1.1;
 - hop-by-hop headers never cross (RFC 9110 7.6.1), nor what ``Connection`` names;
 - client-sent forwarding headers are believed only from ``trusted_proxies``;
+- header names with an underscore are dropped (nginx's ``underscores_in_headers off``):
+  WSGI and CGI servers map ``_`` and ``-`` to the same variable, so ``X_Forwarded_For``
+  would reach such an app as the header the proxy sets;
 - ``Host`` is forwarded unchanged and must be one well-formed value.
 """
 
@@ -198,7 +201,8 @@ def parse_request(
     for name, value in headers:
         lname = name.lower()
         if lname not in _REQUEST_SPECIAL:
-            lines.append(b"%s: %s\r\n" % (name, value))
+            if b"_" not in name:  # X_Forwarded_For would pose as ours to a WSGI/CGI app
+                lines.append(b"%s: %s\r\n" % (name, value))
         elif lname == b"host":
             host = value
             hosts += 1

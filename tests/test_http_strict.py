@@ -274,3 +274,21 @@ def test_refused_pipelined_request_is_answered_after_the_good_one(
     assert reply.startswith(b"HTTP/1.1 200 ")
     assert b"HTTP/1.1 400 " in reply[12:]
     assert [r.target for r, _ in upstream.requests[before:]] == [b"/first"]
+
+
+def test_header_names_with_underscores_are_dropped(
+    proxy: ProxyProcess, upstream: RecordingUpstream
+) -> None:
+    """WSGI/CGI servers (Django, PHP, gunicorn) map ``_`` and ``-`` to the same variable, so
+    ``X_Forwarded_For`` would pose as the header the proxy sets; dropped as nginx does."""
+    raw = (
+        b"GET /u HTTP/1.1\r\n" + H + b"X_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n"
+        b"X_Custom: 1\r\nX-Kept: 1\r\nConnection: close\r\n\r\n"
+    )
+    before = len(upstream.requests)
+    assert status_of(exchange(proxy, raw)) == 200
+    request, _ = upstream.requests[before]
+    names = [name for name, _ in request.headers]
+    assert b"x-kept" in names
+    assert [name for name in names if b"_" in name] == []
+    assert b"6.6.6.6" not in b"".join(value for _, value in request.headers)
