@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.tls import FAILURE_ATTRIBUTE, SNI_ATTRIBUTE, policy_context, server_context
 
@@ -43,6 +45,7 @@ def make_entry(
 ) -> CertEntry:
     """Build (the slow part: parsing, loading the key) an entry without installing it.
 
+    The chain served is ``chain_pem`` less a self-signed root at its end (:func:`served_chain`).
     Raises ``ssl.SSLError`` or ``ValueError`` for bad PEM or a key that does not match.
     """
     normalized = tuple(dict.fromkeys(normalize(n) for n in names))
@@ -51,13 +54,41 @@ def make_entry(
     leaf = x509.load_pem_x509_certificate(chain_pem)  # the first certificate is the leaf
     return CertEntry(
         names=normalized,
-        context=server_context(chain_pem, key_pem),
+        context=server_context(served_chain(chain_pem), key_pem),
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
         issuer=issuer,
         source=source,
         serial=f"{leaf.serial_number:X}",
     )
+
+
+def served_chain(chain_pem: bytes) -> bytes:
+    """``chain_pem`` (leaf first) without the self-signed root(s) at its end, if any.
+
+    A client validates the chain up to a root it already trusts; a root sent along cannot
+    make it trust anything (RFC 8446 §4.4.2 lets a server omit the trust anchor) and costs
+    every full handshake its bytes, so scanners flag it (sslyze: "received certificate
+    chain contains the anchor certificate"). The internal CA's leaf files and many
+    ``fullchain.pem`` files end with one. The leaf itself is always kept, even if
+    self-signed; a cross-signed root (issued by another CA) is an intermediate, kept too.
+    ``chain_pem`` comes back unchanged when nothing is dropped.
+    """
+    certificates = x509.load_pem_x509_certificates(chain_pem)
+    served = list(certificates)
+    while len(served) > 1 and _self_signed(served[-1]):
+        served.pop()
+    if len(served) == len(certificates):
+        return chain_pem
+    return b"".join(certificate.public_bytes(Encoding.PEM) for certificate in served)
+
+
+def _self_signed(certificate: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(certificate)  # names and signature
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def normalize(name: str) -> str:

@@ -89,7 +89,9 @@ class InternalCA:
     ) -> tuple[bytes, bytes]:
         """A fresh leaf for ``names``: ``(leaf + root chain PEM, leaf key PEM)``.
 
-        ``names`` are DNS names (``*.example.com`` allowed) or IP literals.
+        ``names`` are DNS names (``*.example.com`` allowed) or IP literals. The chain is
+        stored whole, like a ``fullchain.pem``; the root is not sent to clients
+        (:func:`proxy.certstore.served_chain`).
         """
         if not names:
             raise ValueError("a certificate needs at least one name")

@@ -17,10 +17,14 @@ the write buffer are the TCP transport's. Each read decrypts the whole records r
 and hands them over in one call, unless the application has paused reading: then the
 input waits, still encrypted, in the incoming BIO.
 
-A failed handshake is counted (:mod:`proxy.admission`) and closed. Where the client
-deserves to know (its name is unknown: ``unrecognized_name``; its TLS version or ciphers
-are refused; it spoke plain HTTP: a plaintext 400) what OpenSSL queued is sent first;
-garbage is closed without an answer.
+A TLS error (a failed handshake; a bad record, alert or message afterwards) ends the
+connection as RFC 8446 §6.2 asks: what OpenSSL queued in the outgoing BIO, its fatal alert,
+is sent, then the TCP connection is closed; closed, not aborted, as an abort would drop the
+alert still waiting in the write buffer and the client would see its connection cut, not
+why. OpenSSL decides what deserves an alert: bytes that do not look like TLS get none. A
+client that spoke plain HTTP gets a plaintext 400 instead. A failed handshake is also
+counted (:mod:`proxy.admission`). All of it is on the error paths: a read or write that
+succeeds does no extra work.
 """
 
 from __future__ import annotations
@@ -39,16 +43,6 @@ log = logging.getLogger("tlsproxy.tls")
 
 READ_SIZE = 16384  # one TLS record's plaintext at most: SSL_read never returns more
 _PLAIN_HTTP = {"HTTP_REQUEST", "HTTPS_PROXY_REQUEST"}  # OpenSSL saw an HTTP request line
-# A real TLS client we cannot talk to: worth its alert (it closes when it reads it). Garbage
-# gets a plain close instead.
-_TELL_CLIENT = {
-    "UNSUPPORTED_PROTOCOL",
-    "VERSION_TOO_LOW",
-    "NO_PROTOCOLS_AVAILABLE",
-    "NO_SUITABLE_SIGNATURE_ALGORITHM",
-    "NO_SHARED_CIPHER",
-    "NO_SUITABLE_KEY_SHARE",
-}
 _PLAIN_HTTP_BODY = b"400 Bad Request: this port speaks HTTPS only\n"
 _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -180,14 +174,19 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         refused_name = getattr(self._sslobj, FAILURE_ATTRIBUTE, None) == "unknown_sni"
         self._listener.gate.ended(ticket, "unknown_sni" if refused_name else "protocol")
         log.debug("TLS handshake failed: %s", exc.reason or exc)
-        tcp = self._tcp
-        assert tcp is not None
+        if exc.reason in _PLAIN_HTTP and self._tcp is not None:  # OpenSSL queued no alert
+            self._tcp.write(_PLAIN_HTTP_ANSWER)
+        self._fail()
+
+    def _fail(self) -> None:
+        """End the connection after a TLS error: send what OpenSSL queued (its fatal alert,
+        after anything that waited before it), then close TCP. No ``unwrap``: a fatal alert
+        ends the session without a close_notify. No abort: the alert would be dropped."""
         self._closing = True
-        if exc.reason in _PLAIN_HTTP:
-            tcp.write(_PLAIN_HTTP_ANSWER)
-        elif refused_name or exc.reason in _TELL_CLIENT:
-            self._flush()  # the alert
-        tcp.close()
+        tcp = self._tcp
+        if tcp is not None:
+            self._flush()
+            tcp.close()
 
     def handshake_expired(self) -> None:
         """Called by the gate (which counts it) when the handshake timeout has passed."""
@@ -213,9 +212,9 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
                 chunk = read(READ_SIZE)
             except ssl.SSLWantReadError:  # an incomplete record: more bytes to come
                 break
-            except ssl.SSLError as exc:  # a bad record or an alert from the client
+            except ssl.SSLError as exc:  # a bad record or message, or an alert from the client
                 log.debug("TLS error on an open connection: %s", exc.reason or exc)
-                self.abort()
+                self._fail()  # what was decrypted before it is dropped: no reply could be sent
                 return
             if not chunk:  # the client's close_notify
                 closed = True
@@ -240,12 +239,13 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             self._tcp.write(self._outgoing.read())  # type: ignore[union-attr]
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> bool:
-        """Records for ``data`` into the outgoing BIO; False if TLS failed (then aborted)."""
+        """Records for ``data`` into the outgoing BIO; False if TLS failed (then closed, after
+        OpenSSL's alert if it queued one)."""
         try:
             self._write(data)
         except ssl.SSLError as exc:
             log.debug("TLS error while writing: %s", exc.reason or exc)
-            self.abort()
+            self._fail()
             return False
         return True
 
