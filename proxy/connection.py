@@ -318,11 +318,14 @@ class ClientConnection(asyncio.Protocol):
             and request.host != self.sni_host
             and not sni_matches_host(self.sni, request.host)
         ):
-            raise HTTPError(421, f"Host {request.host!r} differs from the TLS server name")
+            host = request.host.decode("latin-1")
+            raise HTTPError(421, f"Host {host!r} differs from the TLS server name {self.sni!r}")
         self.sni_host = request.host  # checked once per connection, not once per request
         site = self.runtime.router.match(request.host)
         if site is None:
-            raise HTTPError(421, f"no site is configured for host {request.host!r}")
+            raise HTTPError(
+                421, f"no site is configured for Host {request.host.decode('latin-1')!r}"
+            )
         exchange.route = site.for_target(request.target) if site.prefixes else site.fallback
         limit = self.settings.max_body_bytes
         if limit and request.length > limit:

@@ -132,6 +132,7 @@ def test_unknown_host_is_answered_421_and_never_forwarded(proxy: ProxyProcess) -
     reply = https_request(proxy, "app.test", get("nowhere.test"))
     assert reply.startswith(b"HTTP/1.1 421 ")
     assert b"hello from the example app" not in reply
+    assert "Host 'nowhere.test' differs from the TLS server name 'app.test'" in proxy.log()
 
 
 def test_hsts_is_added_for_sites_that_ask(proxy: ProxyProcess) -> None:
