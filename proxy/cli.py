@@ -224,6 +224,8 @@ async def _serve(
             await proxy.reload(reload_config())
         except ConfigError as exc:
             log.error("reload refused, old configuration kept: %s", "; ".join(exc.problems))
+        except (CertificateError, OSError) as exc:  # a certificate, a listen address
+            log.error("reload refused, old configuration kept: %s", exc)
         except Exception:
             log.exception("reload failed, old configuration kept")
 
