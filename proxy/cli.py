@@ -123,8 +123,11 @@ def _reverse_proxy(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """``check``: everything ``run`` would refuse, the files the config names included."""
+    from proxy import preflight
+
     config = load_config_with_env(args.config)
-    problems = start_problems(config)
+    problems = preflight.problems(config)
     if problems:
         raise ConfigError(problems)
     hosts = sum(len(site.hosts) for site in config.sites)
@@ -165,10 +168,11 @@ def serve(config: Config, reload_config: Callable[[], Config] | None) -> int:
 
     With ``workers`` above 1 this process becomes the supervisor of that many workers.
     """
+    from proxy import preflight
     from proxy.workers import supervise, worker_count
 
     _setup_logging()
-    problems = start_problems(config)
+    problems = preflight.problems(config)
     if problems:
         raise ConfigError(problems)
     count = worker_count(config.server.workers)
@@ -193,6 +197,7 @@ def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
 async def _serve(
     config: Config, reload_config: Callable[[], Config] | None, reuse_port: bool = False
 ) -> int:
+    from proxy import preflight
     from proxy.certsources import CertificateError
     from proxy.server import Proxy
     from proxy.tasks import spawn
@@ -221,7 +226,11 @@ async def _serve(
             log.warning("SIGHUP: nothing to reload (no config file)")
             return
         try:
-            await proxy.reload(reload_config())
+            config = reload_config()
+            problems = await asyncio.to_thread(preflight.local_problems, config)
+            if problems:
+                raise ConfigError(problems)
+            await proxy.reload(config)
         except ConfigError as exc:
             log.error("reload refused, old configuration kept: %s", "; ".join(exc.problems))
         except (CertificateError, OSError) as exc:  # a certificate, a listen address

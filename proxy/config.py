@@ -197,8 +197,9 @@ def parse_host(text: str, key: str = "host") -> str:
 
 
 def start_problems(config: Config) -> list[str]:
-    """What the schema accepts but this version cannot run yet, so ``check`` and ``run`` can
-    refuse it up front instead of failing later."""
+    """What the schema accepts but this version cannot run, so ``check`` and ``run`` can
+    refuse it up front instead of failing later. Judged from the configuration alone; what
+    it names on disk is :mod:`proxy.preflight`'s."""
     problems: list[str] = []
     if not config.sites:
         problems.append(f"sites: {NO_SITES}")
@@ -206,6 +207,16 @@ def start_problems(config: Config) -> list[str]:
 
     if "://" in config.tls.storage and (storage := url_problem(config.tls.storage)):
         problems.append(f"tls.storage: {storage}")
+    elif (
+        "://" in config.tls.storage
+        and config.tls.issuer == "internal"
+        and any(site.cert is None and site.key is None for site in config.sites)
+    ):
+        problems.append(
+            'tls.issuer: "internal" keeps its CA and certificates in a directory, and '
+            f"tls.storage is {config.tls.storage!r}: give tls.storage a directory, or give "
+            "every site cert and key files"
+        )
     problems += _acme_problems(config)
     admin = config.server.admin_listen
     if admin is not None and not _loopback(admin.host) and not config.server.admin_token:
