@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -10,6 +11,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -269,11 +271,44 @@ def test_check_accepts_certificate_files_that_run_can_use(tmp_path: Path) -> Non
 # -- reverse-proxy ------------------------------------------------------------------------
 
 
-def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_path: Path) -> None:
+@dataclass
+class OneLiner:
+    """A running ``tlsproxy reverse-proxy --from rp.test --internal`` on loopback ports."""
+
+    https_port: int
+    http_port: int
+    storage: Path
+    log_path: Path
+
+    def curl(self, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """curl resolving rp.test to loopback on both ports, trusting the internal CA."""
+        return subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                str(self.storage / "ca" / "root.pem"),
+                "--resolve",
+                f"rp.test:{self.https_port}:127.0.0.1",
+                "--resolve",
+                f"rp.test:{self.http_port}:127.0.0.1",
+                *args,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+
+@contextlib.contextmanager
+def one_liner(app: UvicornApp, tmp_path: Path, *extra: str) -> Iterator[OneLiner]:
     https_port, http_port = free_port(), free_port()
-    storage = tmp_path / "storage"
-    log_path = tmp_path / "reverse-proxy.log"
-    with log_path.open("wb") as log:
+    running = OneLiner(https_port, http_port, tmp_path / "storage", tmp_path / "reverse-proxy.log")
+    with running.log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -290,7 +325,8 @@ def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_
                 "--http-listen",
                 f"127.0.0.1:{http_port}",
                 "--storage",
-                str(storage),
+                str(running.storage),
+                *extra,
             ],
             cwd=ROOT,
             stdout=log,
@@ -300,33 +336,42 @@ def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_
         try:
             wait_for_port(https_port, process=process)
         except RuntimeError as exc:
-            raise AssertionError(log_path.read_text()) from exc
-        result = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "20",
-                "--cacert",
-                str(storage / "ca" / "root.pem"),
-                "--resolve",
-                f"rp.test:{https_port}:127.0.0.1",
-                f"https://rp.test:{https_port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+            raise AssertionError(running.log_path.read_text()) from exc
+        yield running
+        assert stop_process(process, signal.SIGTERM) == 0, running.log_path.read_text()
+    finally:
+        stop_process(process, signal.SIGKILL)
+
+
+def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_path: Path) -> None:
+    with one_liner(app, tmp_path) as running:
+        result = running.curl(f"https://rp.test:{running.https_port}/")
         assert result.returncode == 0, result.stderr
         seen = json.loads(result.stdout)
         assert seen["message"] == "hello from the example app behind tlsproxy"
         assert seen["scheme"] == "https"
-        assert seen["host"] == f"rp.test:{https_port}"
-        assert stop_process(process, signal.SIGTERM) == 0, log_path.read_text()
-    finally:
-        stop_process(process, signal.SIGKILL)
-    assert f"site rp.test -> http://127.0.0.1:{app.port}" in log_path.read_text()
+        assert seen["host"] == f"rp.test:{running.https_port}"
+    assert f"site rp.test -> http://127.0.0.1:{app.port}" in running.log_path.read_text()
+
+
+def test_reverse_proxy_on_high_ports_redirects_to_its_own_https_port(
+    app: UvicornApp, tmp_path: Path
+) -> None:
+    """The README's one-liner (8443/8080): curl -L from the HTTP port must land on 8443."""
+    with one_liner(app, tmp_path) as running:
+        result = running.curl(f"http://rp.test:{running.http_port}/?from=http", "-L")
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen["url"] == f"https://rp.test:{running.https_port}/?from=http"
+
+
+def test_reverse_proxy_https_port_names_the_published_port(app: UvicornApp, tmp_path: Path) -> None:
+    """Behind a port mapping (published 443 -> 8443 here) the redirect names the public port."""
+    with one_liner(app, tmp_path, "--https-port", "443") as running:
+        result = running.curl(f"http://rp.test:{running.http_port}/x", "-o", "/dev/null", "-D", "-")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("HTTP/1.1 308 ")
+        assert "\nlocation: https://rp.test/x\n" in result.stdout.lower()
 
 
 # -- certs --------------------------------------------------------------------------------
