@@ -93,7 +93,7 @@ class ServerConfig:
     loop: Literal["uvloop", "asyncio"] = "uvloop"
     handshake_timeout: float = 10.0  # seconds for a client's TLS handshake
     keepalive_timeout: float = 75.0  # idle client connection between requests
-    upstream_connect_timeout: float = 5.0  # -> 502 when it runs out
+    upstream_connect_timeout: float = 5.0  # -> 504 when it runs out
     upstream_timeout: float = 60.0  # upstream silent this long while we wait -> 504
     shutdown_timeout: float = 30.0  # how long SIGTERM waits for in-flight requests
     request_head_timeout: float = 10.0  # the whole request head must arrive within this -> 408
