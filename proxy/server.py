@@ -101,6 +101,7 @@ class Proxy:
         self._sweeper: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
         self._stopped = asyncio.Event()
+        self._reloading = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._stopping: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Proxy:
@@ -287,8 +288,12 @@ class Proxy:
         left on 0.0.0.0 after its token was removed, say). Connections a closed listener
         accepted keep running, except the admin listener's, which are closed with it: their
         next request would be answered under the new token rule. ``workers`` and ``loop``
-        need a restart and are only reported.
+        need a restart and are only reported. Reloads run one after the other.
         """
+        async with self._reloading:
+            await self._reload(config)
+
+    async def _reload(self, config: Config) -> None:
         problems = start_problems(config)
         if problems:
             raise ConfigError(problems)
