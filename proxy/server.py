@@ -282,13 +282,13 @@ class Proxy:
         All or nothing: the new listen addresses are bound (not yet accepting) and the
         certificates prepared before anything changes. If either fails, what was bound is
         closed again, the error raised (an ``OSError`` names the address) and the old
-        configuration stays whole. Otherwise the settings switch, the listeners no longer
-        configured close and the new ones start accepting, with no await in between: no
-        listener ever answers under a configuration that does not list it (an admin socket
-        left on 0.0.0.0 after its token was removed, say). Connections a closed listener
-        accepted keep running, except the admin listener's, which are closed with it: their
-        next request would be answered under the new token rule. ``workers`` and ``loop``
-        need a restart and are only reported. Reloads run one after the other.
+        configuration stays whole. Otherwise the settings switch and the listeners no longer
+        configured close in one step, with no await in between, and then the new ones start
+        accepting: no listener ever answers under a configuration that does not list it (an
+        admin socket left on 0.0.0.0 after its token was removed, say). Connections a closed
+        listener accepted keep running, except the admin listener's, which are closed with
+        it: their next request would be answered under the new token rule. ``workers`` and
+        ``loop`` need a restart and are only reported. Reloads run one after the other.
         """
         async with self._reloading:
             await self._reload(config)
