@@ -50,8 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--internal", action="store_true", help="certificates from the local internal CA"
     )
-    quick.add_argument("--https-listen", action="append", metavar="ADDR")
-    quick.add_argument("--http-listen", action="append", metavar="ADDR")
+    quick.add_argument(
+        "--https-listen", action="append", metavar="ADDR", help="default 0.0.0.0:443"
+    )
+    quick.add_argument(
+        "--http-listen",
+        action="append",
+        metavar="ADDR",
+        help="port 80's job: ACME challenges, redirects to HTTPS (default 0.0.0.0:80; off = none)",
+    )
+    quick.add_argument(
+        "--https-port",
+        type=int,
+        metavar="PORT",
+        help="port written into those redirects (default: the first --https-listen's port, "
+        "else 443)",
+    )
     quick.add_argument("--storage", metavar="DIR", help="default ./tlsproxy-data")
     quick.add_argument(
         "--admin-listen", default="", metavar="ADDR", help="admin /healthz address (default off)"
@@ -105,10 +119,22 @@ def _upstream_url(text: str) -> str:
     return f"http://127.0.0.1{text}" if text.startswith(":") else f"http://{text}"
 
 
+def _port_of(address: str) -> int | None:
+    """The port of an ``--https-listen`` ``host:port``; None for a malformed one, which the
+    validation of server.https_listen reports."""
+    port = address.rpartition(":")[2]
+    return int(port) if port.isascii() and port.isdigit() else None
+
+
 def _reverse_proxy(args: argparse.Namespace) -> int:
+    """``reverse-proxy``: the flags become a configuration, validated as a file would be."""
     server: dict[str, Any] = {"admin_listen": args.admin_listen}
     if args.https_listen:
         server["https_listen"] = args.https_listen
+    if args.https_port is not None:
+        server["https_port"] = args.https_port
+    elif args.https_listen and (port := _port_of(args.https_listen[0])) is not None:
+        server["https_port"] = port  # redirects go where this proxy listens, not to 443
     if args.http_listen:
         server["http_listen"] = [] if args.http_listen == ["off"] else args.http_listen
     data: dict[str, Any] = {
@@ -123,8 +149,11 @@ def _reverse_proxy(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """``check``: everything ``run`` would refuse, the files the config names included."""
+    from proxy import preflight
+
     config = load_config_with_env(args.config)
-    problems = start_problems(config)
+    problems = preflight.problems(config)
     if problems:
         raise ConfigError(problems)
     hosts = sum(len(site.hosts) for site in config.sites)
@@ -165,10 +194,11 @@ def serve(config: Config, reload_config: Callable[[], Config] | None) -> int:
 
     With ``workers`` above 1 this process becomes the supervisor of that many workers.
     """
+    from proxy import preflight
     from proxy.workers import supervise, worker_count
 
     _setup_logging()
-    problems = start_problems(config)
+    problems = preflight.problems(config)
     if problems:
         raise ConfigError(problems)
     count = worker_count(config.server.workers)
@@ -193,6 +223,7 @@ def run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
 async def _serve(
     config: Config, reload_config: Callable[[], Config] | None, reuse_port: bool = False
 ) -> int:
+    from proxy import preflight
     from proxy.certsources import CertificateError
     from proxy.server import Proxy
     from proxy.tasks import spawn
@@ -221,9 +252,15 @@ async def _serve(
             log.warning("SIGHUP: nothing to reload (no config file)")
             return
         try:
-            await proxy.reload(reload_config())
+            config = reload_config()
+            problems = await asyncio.to_thread(preflight.local_problems, config)
+            if problems:
+                raise ConfigError(problems)
+            await proxy.reload(config)
         except ConfigError as exc:
             log.error("reload refused, old configuration kept: %s", "; ".join(exc.problems))
+        except (CertificateError, OSError) as exc:  # a certificate, a listen address
+            log.error("reload refused, old configuration kept: %s", exc)
         except Exception:
             log.exception("reload failed, old configuration kept")
 

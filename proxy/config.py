@@ -93,7 +93,7 @@ class ServerConfig:
     loop: Literal["uvloop", "asyncio"] = "uvloop"
     handshake_timeout: float = 10.0  # seconds for a client's TLS handshake
     keepalive_timeout: float = 75.0  # idle client connection between requests
-    upstream_connect_timeout: float = 5.0  # -> 502 when it runs out
+    upstream_connect_timeout: float = 5.0  # -> 504 when it runs out
     upstream_timeout: float = 60.0  # upstream silent this long while we wait -> 504
     shutdown_timeout: float = 30.0  # how long SIGTERM waits for in-flight requests
     request_head_timeout: float = 10.0  # the whole request head must arrive within this -> 408
@@ -198,8 +198,9 @@ def parse_host(text: str, key: str = "host") -> str:
 
 
 def start_problems(config: Config) -> list[str]:
-    """What the schema accepts but this version cannot run yet, so ``check`` and ``run`` can
-    refuse it up front instead of failing later."""
+    """What the schema accepts but this version cannot run, so ``check`` and ``run`` can
+    refuse it up front instead of failing later. Judged from the configuration alone; what
+    it names on disk is :mod:`proxy.preflight`'s."""
     problems: list[str] = []
     if not config.sites:
         problems.append(f"sites: {NO_SITES}")
@@ -207,6 +208,16 @@ def start_problems(config: Config) -> list[str]:
 
     if "://" in config.tls.storage and (storage := url_problem(config.tls.storage)):
         problems.append(f"tls.storage: {storage}")
+    elif (
+        "://" in config.tls.storage
+        and config.tls.issuer == "internal"
+        and any(site.cert is None and site.key is None for site in config.sites)
+    ):
+        problems.append(
+            'tls.issuer: "internal" keeps its CA and certificates in a directory, and '
+            f"tls.storage is {config.tls.storage!r}: give tls.storage a directory, or give "
+            "every site cert and key files"
+        )
     problems += _acme_problems(config)
     admin = config.server.admin_listen
     if admin is not None and not _loopback(admin.host) and not config.server.admin_token:

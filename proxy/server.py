@@ -10,11 +10,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+import os
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore
@@ -25,7 +28,7 @@ from proxy.admission import Gate
 from proxy.certsources import CertificateManager
 from proxy.certstore import CertStore
 from proxy.challenge_http import HTTPResponder
-from proxy.config import Address, Config, ConfigError, start_problems
+from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
 from proxy.connection import ClientConnection, Runtime
 from proxy.plainhttp import Answer, PlainHTTPProtocol, text
 from proxy.router import Router
@@ -45,6 +48,33 @@ class Listener:
     bound: tuple[str, int]
 
 
+Key = tuple[str, Address]  # (kind, configured address): one entry of the listen settings
+REBIND_WAIT = 1.0  # seconds to wait for a port an outgoing listener of ours has just released
+
+
+@dataclass(slots=True)
+class _Open:
+    """One configured listen address while it is bound: its server, and the plain-HTTP
+    connections it accepted (an admin listener's are closed with it, see ``Proxy.reload``)."""
+
+    kind: str
+    address: Address
+    server: asyncio.Server
+    connections: set[asyncio.Transport] = field(default_factory=set)
+
+    def listeners(self) -> list[Listener]:
+        return [
+            Listener(self.kind, self.address, tuple(sock.getsockname()[:2]))
+            for sock in self.server.sockets
+        ]
+
+    def close(self) -> None:
+        self.server.close()
+        if self.kind == "admin":
+            for transport in list(self.connections):
+                transport.close()
+
+
 class Proxy:
     """A running tlsproxy: TLS listeners, port-80 responder, certificate maintenance."""
 
@@ -62,14 +92,16 @@ class Proxy:
         self.challenges = challenges if challenges is not None else challenge_store_for(config.tls)
         self.cert_store = cert_store if cert_store is not None else CertStore()
         self.listeners: list[Listener] = []
-        self._servers: list[asyncio.Server] = []
-        self._plain_connections: set[asyncio.Transport] = set()
+        self._open: dict[Key, _Open] = {}  # in the order of the settings
         self._runtime: Runtime | None = None
+        self._context: ssl.SSLContext | None = None  # the TLS listeners' (certificates by SNI)
+        self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
         self._certs: CertificateManager | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
         self._stopped = asyncio.Event()
+        self._reloading = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._stopping: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Proxy:
@@ -106,12 +138,25 @@ class Proxy:
         await asyncio.to_thread(self._certs.load_all)
         pool = UpstreamPool(settings.upstream_connect_timeout)
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
-        self._runtime = Runtime(settings, Router(config.sites, pool), pool, access_log)
+        self._runtime = runtime = Runtime(settings, Router(config.sites, pool), pool, access_log)
+        self._context = self.cert_store.listener_context(  # the lambdas see reloaded settings
+            reject_unknown=lambda: runtime.settings.unknown_sni == "reject"
+        )
+        self.gate = Gate(
+            lambda: runtime.settings.max_connections,
+            runtime.connections,
+            settings.handshake_timeout,
+        )
+        self._responder = HTTPResponder(
+            self.challenges, lambda: runtime.router, settings.https_port
+        )
         try:
-            await self._bind_all()
+            for kind, address in _wanted(settings):
+                self._open[kind, address] = await self._bind(kind, address)
         except BaseException:
             self._close_servers()
             raise
+        self._index()
         self._maintenance = spawn(self._certs.run(), name="certificate maintenance")
         self._sweeper = spawn(self.runtime.sweep_forever(), name="deadlines")
         folder = worker_status.directory(config.tls)
@@ -122,60 +167,50 @@ class Proxy:
             )
         self._log_summary()
 
-    async def _bind_all(self) -> None:
+    async def _bind(self, kind: str, address: Address, *, start_serving: bool = True) -> _Open:
+        """Bind one listener. An OSError says which address could not be had, and why."""
         loop = asyncio.get_running_loop()
         runtime = self.runtime
-        settings = runtime.settings
-        context = self.cert_store.listener_context(  # the lambdas see reloaded settings
-            reject_unknown=lambda: runtime.settings.unknown_sni == "reject"
-        )
-        self.gate = Gate(
-            lambda: runtime.settings.max_connections,
-            runtime.connections,
-            settings.handshake_timeout,
-        )
-        for address in settings.https_listen:
+        connections: set[asyncio.Transport] = set()
+        factory: Callable[[], asyncio.BaseProtocol]
+        if kind == "https":
+            assert self._context is not None
 
             def client(port: int = address.port) -> ClientConnection:
                 return ClientConnection(runtime, port)
 
-            server = await loop.create_server(
-                TLSListener(context, self.gate, client),
-                address.host,
-                address.port,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-                backlog=2048,
-            )
-            self._add_server("https", address, server)
-        responder = HTTPResponder(self.challenges, lambda: runtime.router, settings.https_port)
-        for address in settings.http_listen:
-            server = await loop.create_server(
-                lambda: PlainHTTPProtocol(responder, self._plain_connections),
-                address.host,
-                address.port,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-            )
-            self._add_server("http", address, server)
-        if settings.admin_listen is not None:
-            address = settings.admin_listen
-            if not _is_loopback(address.host):
-                log.warning("admin listener on %s: /metrics is open to that network", address)
-            server = await loop.create_server(
-                lambda: PlainHTTPProtocol(self._admin, self._plain_connections),
-                address.host,
-                address.port,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-            )
-            self._add_server("admin", address, server)
+            factory = TLSListener(self._context, self.gate, client)
+        else:
 
-    def _add_server(self, kind: str, address: Address, server: asyncio.Server) -> None:
-        self._servers.append(server)
-        for sock in server.sockets:
-            host, port = sock.getsockname()[:2]
-            self.listeners.append(Listener(kind, address, (host, port)))
+            def factory() -> PlainHTTPProtocol:
+                # port 80's current responder: a reload may change the redirects' port
+                handler = self._admin if kind == "admin" else self._responder_now()
+                return PlainHTTPProtocol(handler, connections)
+
+        try:
+            server = await loop.create_server(
+                factory,
+                address.host,
+                address.port,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                backlog=2048 if kind == "https" else 100,
+                start_serving=start_serving,
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"cannot listen on {address} ({kind}): {reason}") from None
+        return _Open(kind, address, server, connections)
+
+    def _responder_now(self) -> HTTPResponder:
+        assert self._responder is not None
+        return self._responder
+
+    def _index(self) -> None:
+        """``listeners`` from the open servers, in the order of the settings."""
+        self.listeners = [
+            listener for opened in self._open.values() for listener in opened.listeners()
+        ]
 
     def _admin(self, request: object) -> Answer:
         target = getattr(request, "target", b"")
@@ -215,6 +250,7 @@ class Proxy:
     def _log_summary(self) -> None:
         for listener in self.listeners:
             log.info("listening: %s on %s", listener.kind, listener.address)
+        self._log_admin_exposure()
         for site in self.config.sites:
             upstreams = ", ".join(u.url for u in site.upstreams)
             routes = "".join(
@@ -230,36 +266,130 @@ class Proxy:
                 entry.not_after.isoformat(timespec="seconds"),
             )
 
+    def _log_admin_exposure(self) -> None:
+        notice = admin_exposure(self.config.server)
+        if notice is not None:
+            log.log(*notice)
+
     async def serve_forever(self) -> None:
         """Wait until ``stop()`` has finished (from a signal, or another task)."""
         await self._stopped.wait()
 
     async def reload(self, config: Config) -> None:
-        """Apply a new configuration: sites, upstreams, certificates; open connections stay.
+        """Apply a new configuration: sites, upstreams, certificates, settings and listen
+        addresses; open connections stay.
 
-        Listen addresses and worker settings need a restart and are only reported.
+        All or nothing: the new listen addresses are bound (not yet accepting) and the
+        certificates prepared before anything changes. If either fails, what was bound is
+        closed again, the error raised (an ``OSError`` names the address) and the old
+        configuration stays whole. Otherwise the settings switch and the listeners no longer
+        configured close in one step, with no await in between, and then the new ones start
+        accepting: no listener ever answers under a configuration that does not list it (an
+        admin socket left on 0.0.0.0 after its token was removed, say). Connections a closed
+        listener accepted keep running, except the admin listener's, which are closed with
+        it: their next request would be answered under the new token rule. ``workers`` and
+        ``loop`` need a restart and are only reported. Reloads run one after the other.
         """
+        async with self._reloading:
+            await self._reload(config)
+
+    async def _reload(self, config: Config) -> None:
         problems = start_problems(config)
         if problems:
             raise ConfigError(problems)
+        assert self._certs is not None
         old = self.config.server
         new = config.server
-        if (old.https_listen, old.http_listen, old.admin_listen) != (
-            new.https_listen,
-            new.http_listen,
-            new.admin_listen,
-        ):
-            log.warning("reload: listen addresses changed; they take effect on restart")
-        assert self._certs is not None
-        await asyncio.to_thread(self._certs.reload, config.sites, config.tls, config.acme)
+        if (old.workers, old.loop) != (new.workers, new.loop):
+            log.warning("reload: workers and loop take effect on restart")
+        wanted = _wanted(new)
+        gone = [key for key in self._open if key not in wanted]
+        added, released = await self._bind_new([k for k in wanted if k not in self._open], gone)
+        try:
+            await asyncio.to_thread(self._certs.reload, config.sites, config.tls, config.acme)
+        except BaseException:
+            await self._undo(added, released)
+            raise
+        # The switch, with no await until the listeners no longer configured are closed.
         runtime = self.runtime
         runtime.settings = new
         runtime.peers.clear()  # trusted_proxies may have changed
         runtime.pool.connect_timeout = new.upstream_connect_timeout
         runtime.access_log = None if new.access_log == "off" else AccessLog(new.access_log)
         runtime.router = Router(config.sites, runtime.pool)
+        self._responder = HTTPResponder(self.challenges, lambda: runtime.router, new.https_port)
         self.config = config
+        for key in gone:
+            opened = self._open.pop(key)
+            if key not in released:
+                opened.close()
+            log.info("stopped listening: %s on %s", *key)
+        self._open = {key: added.get(key) or self._open[key] for key in wanted}
+        self._index()
+        for key, opened in added.items():  # the old ones are closed: the switch is done
+            await opened.server.start_serving()
+            log.info("listening: %s on %s", *key)
+        if (old.admin_listen, bool(old.admin_token)) != (new.admin_listen, bool(new.admin_token)):
+            self._log_admin_exposure()
         log.info("reloaded: %d site(s)", len(config.sites))
+
+    async def _bind_new(
+        self, keys: list[Key], gone: list[Key]
+    ) -> tuple[dict[Key, _Open], set[Key]]:
+        """Bind ``keys`` without accepting yet: the new listeners, and which outgoing ones
+        had to be closed first to free their port. On failure nothing new stays bound.
+
+        A new address can clash with an outgoing listener of ours: 127.0.0.1:9901 cannot be
+        bound while 0.0.0.0:9901 listens (unless both share SO_REUSEPORT, as workers do).
+        Then the outgoing listeners on that port are closed first; if the port still cannot
+        be had, they are bound again and the reload is refused.
+        """
+        added: dict[Key, _Open] = {}
+        released: set[Key] = set()
+        try:
+            for key in keys:
+                kind, address = key
+                clashing = [k for k in gone if k[1].port == address.port and k not in released]
+                try:
+                    added[key] = await self._bind(kind, address, start_serving=False)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or not clashing:
+                        raise
+                for old in clashing:
+                    self._open[old].close()
+                    released.add(old)
+                added[key] = await self._rebind(kind, address)
+        except BaseException:
+            await self._undo(added, released)
+            raise
+        return added, released
+
+    async def _rebind(self, kind: str, address: Address) -> _Open:
+        """Bind a port a listener of ours has just closed (uvloop frees it a moment later)."""
+        deadline = asyncio.get_running_loop().time() + REBIND_WAIT
+        while True:
+            try:
+                return await self._bind(kind, address, start_serving=False)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.02)
+
+    async def _undo(self, added: dict[Key, _Open], released: set[Key]) -> None:
+        """A refused reload: close what it bound, bind again what it closed."""
+        for opened in added.values():
+            opened.close()
+        for key in released:
+            try:
+                reopened = await self._rebind(*key)
+            except OSError as exc:
+                log.error("%s; that listener stays closed until the next reload", exc)
+                del self._open[key]
+                continue
+            await reopened.server.start_serving()
+            self._open[key] = reopened
+        self._index()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close everything."""
@@ -272,8 +402,9 @@ class Proxy:
         self._close_servers()
         if runtime is not None:
             runtime.draining = True
-            for transport in list(self._plain_connections):
-                transport.close()
+            for opened in self._open.values():
+                for transport in list(opened.connections):
+                    transport.close()
             busy = [c for c in list(runtime.connections) if not c.close_if_idle()]
             if busy:
                 log.info("draining %d in-flight request(s)", len(busy))
@@ -289,15 +420,47 @@ class Proxy:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        for opened in self._open.values():
+            await opened.server.wait_closed()
+        self._open.clear()
         self._stopped.set()
         log.info("stopped")
 
     def _close_servers(self) -> None:
-        for server in self._servers:
-            server.close()
+        for opened in self._open.values():
+            opened.server.close()
+
+
+def _wanted(settings: ServerConfig) -> list[Key]:
+    """The listeners ``settings`` ask for, in order; an address listed twice is bound once."""
+    wanted: list[Key] = [("https", address) for address in settings.https_listen]
+    wanted += [("http", address) for address in settings.http_listen]
+    if settings.admin_listen is not None:
+        wanted.append(("admin", settings.admin_listen))
+    return list(dict.fromkeys(wanted))
+
+
+def admin_exposure(settings: ServerConfig) -> tuple[int, str] | None:
+    """The log level and line that say what an admin listener off loopback opens to its
+    network; None on loopback or with no admin listener.
+
+    ``start_problems`` refuses such a listener without ``admin_token``, so what stays open is
+    ``/healthz`` (probes need it); the warning is for a listener nothing protects.
+    """
+    address = settings.admin_listen
+    if address is None or _is_loopback(address.host):
+        return None
+    if settings.admin_token:
+        return (
+            logging.INFO,
+            f"admin listener on {address}: /healthz answers anyone on that network; the "
+            "status page, /api/status and /metrics need the admin token",
+        )
+    return (
+        logging.WARNING,
+        f"admin listener on {address}: the status page, /api/status, /metrics and /healthz "
+        "answer anyone on that network (no admin_token)",
+    )
 
 
 def _authorized(token: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:

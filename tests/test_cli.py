@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -9,12 +10,14 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.support import (
     ROOT,
@@ -141,36 +144,171 @@ def test_features_not_available_yet_are_refused_up_front(
     assert refuses(port)
 
 
-def test_run_with_unreadable_certificate_files_fails_with_a_message(tmp_path: Path) -> None:
-    missing = tmp_path / "missing"
+def _pair(directory: Path, cert: bytes, key: bytes) -> dict[str, str]:
+    directory.mkdir(exist_ok=True)
+    (directory / "fullchain.pem").write_bytes(cert)
+    (directory / "privkey.pem").write_bytes(key)
+    return {"cert": str(directory / "fullchain.pem"), "key": str(directory / "privkey.pem")}
+
+
+def _leaf(name: str = "a.test") -> tuple[bytes, bytes]:
+    leaf = trustme.CA().issue_cert(name)
+    return leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
+
+
+def _missing_files(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    missing = tmp / "missing"
+    files = {"cert": str(missing / "fullchain.pem"), "key": str(missing / "privkey.pem")}
+    return files, {}
+
+
+def _mismatched_pair(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _pair(tmp / "files", _leaf()[0], _leaf()[1]), {}
+
+
+def _not_pem(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    return _pair(tmp / "files", b"not a certificate\n", _leaf()[1]), {}
+
+
+def _storage_under_a_file(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    (tmp / "afile").write_text("")
+    return {}, {"storage": str(tmp / "afile" / "data")}
+
+
+def _storage_is_a_file(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    (tmp / "afile").write_text("")
+    return {}, {"storage": str(tmp / "afile")}
+
+
+def _broken_ca(issuer: str) -> Any:
+    def prepare(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        (tmp / "data" / "ca").mkdir(parents=True)
+        (tmp / "data" / "ca" / "root.pem").write_text("half a CA: the key is missing\n")
+        return {}, {"storage": str(tmp / "data"), "issuer": issuer}
+
+    return prepare
+
+
+def _internal_ca_on_redis(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {}, {"storage": "redis://127.0.0.1:1/0"}
+
+
+@pytest.mark.parametrize(
+    ("prepare", "expected"),
+    [
+        pytest.param(
+            _missing_files,
+            ["sites[0].cert: cannot read ", "sites[0].key: cannot read "],
+            id="missing-files",
+        ),
+        pytest.param(
+            _mismatched_pair,
+            ["sites[0].key: ", "is not the key of the certificate in"],
+            id="mismatched-pair",
+        ),
+        pytest.param(_not_pem, ["sites[0].cert: no PEM certificate in "], id="not-pem"),
+        pytest.param(
+            _storage_under_a_file,
+            ["tls.storage: cannot create ", "is not a directory"],
+            id="storage-under-a-file",
+        ),
+        pytest.param(
+            _storage_is_a_file, ["tls.storage: ", "is not a directory"], id="storage-is-a-file"
+        ),
+        pytest.param(
+            _broken_ca("internal"),
+            ["tls.storage: internal CA in ", "never replaced"],
+            id="half-a-ca-internal",
+        ),
+        pytest.param(
+            _broken_ca("acme"),  # needed for the temporary certificate: none is stored
+            ["tls.storage: internal CA in ", "never replaced"],
+            id="half-a-ca-acme",
+        ),
+        pytest.param(
+            _internal_ca_on_redis, ['tls.issuer: "internal" keeps its CA'], id="internal-on-redis"
+        ),
+    ],
+)
+def test_check_finds_what_run_refuses(
+    tmp_path: Path,
+    prepare: Callable[[Path], tuple[dict[str, Any], dict[str, Any]]],
+    expected: list[str],
+) -> None:
+    """Newcomers ran `check` (OK), then `run` refused the same file: check must say first."""
+    site_extra, tls = prepare(tmp_path)
+    sites = [{"hosts": ["a.test"], "upstreams": ["http://127.0.0.1:8000"], **site_extra}]
+    config, port = write_config(tmp_path / "proxy.toml", sites, tls=tls)
+    checked = tlsproxy("check", "--config", str(config))
+    ran = tlsproxy("run", "--config", str(config))
+    for result in (checked, ran):
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        for text in expected:
+            assert text in result.stderr, result.stderr
+    assert "OK" not in checked.stdout
+    problems = [line for line in ran.stderr.splitlines() if line.startswith("tlsproxy: ")]
+    assert problems == checked.stderr.splitlines(), "run and check disagree"
+    assert refuses(port)
+    if not tls.get("storage", "").startswith("redis"):
+        assert not (tmp_path / "data" / "certificates").exists(), "check wrote to storage"
+
+
+def test_check_accepts_certificate_files_that_run_can_use(tmp_path: Path) -> None:
     sites = [
         {
             "hosts": ["a.test"],
             "upstreams": ["http://127.0.0.1:8000"],
-            "cert": str(missing / "fullchain.pem"),
-            "key": str(missing / "privkey.pem"),
+            **_pair(tmp_path / "files", *_leaf()),
         }
     ]
-    config, port = write_config(tmp_path / "files.toml", sites)
-    result = tlsproxy("run", "--config", str(config))
-    assert result.returncode != 0
-    assert refuses(port)
-    assert "a.test" in result.stderr and str(missing / "fullchain.pem") in result.stderr
-    assert "Traceback" not in result.stderr, (
-        "run with a missing cert file dies with a Python traceback instead of one error line "
-        "(CertificateError escapes proxy/cli.py _serve(), which only catches OSError)\n"
-        + result.stderr
-    )
+    config, _ = write_config(tmp_path / "proxy.toml", sites, tls={"storage": str(tmp_path / "x")})
+    result = tlsproxy("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
 
 
 # -- reverse-proxy ------------------------------------------------------------------------
 
 
-def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_path: Path) -> None:
+@dataclass
+class OneLiner:
+    """A running ``tlsproxy reverse-proxy --from rp.test --internal`` on loopback ports."""
+
+    https_port: int
+    http_port: int
+    storage: Path
+    log_path: Path
+
+    def curl(self, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """curl resolving rp.test to loopback on both ports, trusting the internal CA."""
+        return subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                str(self.storage / "ca" / "root.pem"),
+                "--resolve",
+                f"rp.test:{self.https_port}:127.0.0.1",
+                "--resolve",
+                f"rp.test:{self.http_port}:127.0.0.1",
+                *args,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+
+@contextlib.contextmanager
+def one_liner(app: UvicornApp, tmp_path: Path, *extra: str) -> Iterator[OneLiner]:
     https_port, http_port = free_port(), free_port()
-    storage = tmp_path / "storage"
-    log_path = tmp_path / "reverse-proxy.log"
-    with log_path.open("wb") as log:
+    running = OneLiner(https_port, http_port, tmp_path / "storage", tmp_path / "reverse-proxy.log")
+    with running.log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -187,7 +325,8 @@ def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_
                 "--http-listen",
                 f"127.0.0.1:{http_port}",
                 "--storage",
-                str(storage),
+                str(running.storage),
+                *extra,
             ],
             cwd=ROOT,
             stdout=log,
@@ -197,33 +336,42 @@ def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_
         try:
             wait_for_port(https_port, process=process)
         except RuntimeError as exc:
-            raise AssertionError(log_path.read_text()) from exc
-        result = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "20",
-                "--cacert",
-                str(storage / "ca" / "root.pem"),
-                "--resolve",
-                f"rp.test:{https_port}:127.0.0.1",
-                f"https://rp.test:{https_port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+            raise AssertionError(running.log_path.read_text()) from exc
+        yield running
+        assert stop_process(process, signal.SIGTERM) == 0, running.log_path.read_text()
+    finally:
+        stop_process(process, signal.SIGKILL)
+
+
+def test_reverse_proxy_one_liner_serves_the_app_over_https(app: UvicornApp, tmp_path: Path) -> None:
+    with one_liner(app, tmp_path) as running:
+        result = running.curl(f"https://rp.test:{running.https_port}/")
         assert result.returncode == 0, result.stderr
         seen = json.loads(result.stdout)
         assert seen["message"] == "hello from the example app behind tlsproxy"
         assert seen["scheme"] == "https"
-        assert seen["host"] == f"rp.test:{https_port}"
-        assert stop_process(process, signal.SIGTERM) == 0, log_path.read_text()
-    finally:
-        stop_process(process, signal.SIGKILL)
-    assert f"site rp.test -> http://127.0.0.1:{app.port}" in log_path.read_text()
+        assert seen["host"] == f"rp.test:{running.https_port}"
+    assert f"site rp.test -> http://127.0.0.1:{app.port}" in running.log_path.read_text()
+
+
+def test_reverse_proxy_on_high_ports_redirects_to_its_own_https_port(
+    app: UvicornApp, tmp_path: Path
+) -> None:
+    """The README's one-liner (8443/8080): curl -L from the HTTP port must land on 8443."""
+    with one_liner(app, tmp_path) as running:
+        result = running.curl(f"http://rp.test:{running.http_port}/?from=http", "-L")
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen["url"] == f"https://rp.test:{running.https_port}/?from=http"
+
+
+def test_reverse_proxy_https_port_names_the_published_port(app: UvicornApp, tmp_path: Path) -> None:
+    """Behind a port mapping (published 443 -> 8443 here) the redirect names the public port."""
+    with one_liner(app, tmp_path, "--https-port", "443") as running:
+        result = running.curl(f"http://rp.test:{running.http_port}/x", "-o", "/dev/null", "-D", "-")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("HTTP/1.1 308 ")
+        assert "\nlocation: https://rp.test/x\n" in result.stdout.lower()
 
 
 # -- certs --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import configparser
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import socket
@@ -202,6 +203,7 @@ def tlsproxy_commands() -> Iterator[tuple[str, list[str]]]:
             if "[" in span or span.split()[-1].isupper():  # a synopsis: check its words below
                 span = re.sub(r"\[|\]|\.\.\.", "", span)
                 span = re.sub(r"--from HOST2", "", span)
+                span = re.sub(r"\bPORT\b", "443", span)  # a number, for type=int
             words = shlex.split(span)
             if len(words) > 2:
                 yield str(page.relative_to(ROOT)), words[1:]
@@ -225,7 +227,7 @@ def uvicorn_options(argv: Sequence[str]) -> dict[str, Any]:
     """uvicorn's own parser over a ``uvicorn ...`` command line."""
     from uvicorn.main import main as uvicorn_main
 
-    assert argv[0] == "uvicorn"
+    assert Path(argv[0]).name == "uvicorn"
     with uvicorn_main.make_context("uvicorn", list(argv[1:])) as context:
         return dict(context.params)
 
@@ -236,7 +238,7 @@ def test_every_uvicorn_command_parses() -> None:
         for block in ALL_BLOCKS
         if block.language == "sh"
         for line in command_lines(block.text)
-        if line.startswith("uvicorn ")
+        if line and Path(line.split()[0]).name == "uvicorn"
     ]
     assert commands
     for where, argv in commands:
@@ -353,6 +355,12 @@ def toml_text(config: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def this_checkout() -> dict[str, str]:
+    """The environment for ``python -m proxy`` run outside the checkout: this checkout's
+    ``proxy`` package first, whichever one the virtual environment has installed."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def start_proxy(
     directory: Path, block: Block, upstreams: Mapping[str, str], storage: str = "data"
 ) -> ProxyProcess:
@@ -379,6 +387,7 @@ def start_proxy(
         process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "--config", str(path)],
             cwd=directory,
+            env=this_checkout(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -630,3 +639,143 @@ def test_local_development_trusting_the_root_from_python(tmp_path: Path) -> None
         app.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"200 b'raw upstream {app.port}'\n"
+
+
+# -- what the docs say the proxy does, against what it does --------------------------------
+
+
+def test_the_connect_timeout_answer_is_the_one_the_docs_give(tmp_path: Path) -> None:
+    """README: the [server] table and the errors table name the status of a connect timeout."""
+    [setting] = [r for r in table_rows("../README.md", "Key") if "upstream_connect_timeout" in r[0]]
+    [error] = [
+        r for r in table_rows("../README.md", "Situation") if "upstream_connect_timeout" in r[0]
+    ]
+    claimed = {int(code) for code in re.findall(r"\b(5\d\d)\b", setting[3] + " " + error[1])}
+    # An upstream whose accept queue is full: the kernel drops further SYNs, connect hangs.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    queued = [socket.socket() for _ in range(4)]
+    for sock in queued:
+        sock.setblocking(False)
+        sock.connect_ex(silent.getsockname())
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    running = ProxyProcess.start(
+        tmp_path,
+        [{"hosts": ["slow.test"], "upstreams": [url]}],
+        server={"upstream_connect_timeout": 0.5},
+    )
+    try:
+        reply = through(running, "/", host="slow.test")
+    finally:
+        assert running.stop() == 0, running.log()
+        for sock in [*queued, silent]:
+            sock.close()
+    assert claimed == {reply.status}, (claimed, reply.status, reply.body)
+    assert b"did not accept within 0.5 s" in reply.body or "did not accept" in running.log()
+
+
+def test_local_development_one_certificate_per_site(tmp_path: Path) -> None:
+    """docs/local-development.md: one certificate per site, for all of its hosts."""
+    text = " ".join((DOCS / "local-development.md").read_text().split())
+    assert "Each site gets one certificate from the CA, valid for all of its `hosts`" in text
+    block = named("development")
+    app = RawUpstream()
+    try:
+        upstreams = dict.fromkeys(["http://127.0.0.1:8000", "http://127.0.0.1:9000"], app.url)
+        with running_proxy(tmp_path, block, upstreams) as running:
+            context = running.client_context()
+            served: dict[str, tuple[str, set[str]]] = {}
+            for name in ("localhost", "app.localhost", "api.localhost"):
+                with (
+                    socket.create_connection(("127.0.0.1", running.https_port), timeout=10) as raw,
+                    context.wrap_socket(raw, server_hostname=name) as tls,
+                ):
+                    peer = tls.getpeercert()
+                    assert peer is not None
+                    cert: dict[str, Any] = dict(peer)
+                    names = {value for kind, value in cert["subjectAltName"] if kind == "DNS"}
+                    served[name] = (cert["serialNumber"], names)
+    finally:
+        app.close()
+    assert served["localhost"] == served["app.localhost"]
+    assert served["localhost"][1] == {"localhost", "app.localhost"}
+    assert served["api.localhost"][1] == {"api.localhost"}
+
+
+def fresh_shell_commands(page: Path) -> Iterator[tuple[str, list[str]]]:
+    """(where, words) of every command in a page's shell blocks, ``&&`` chains split."""
+    for block in blocks(page):
+        if block.language != "sh":
+            continue
+        for line in command_lines(block.text):
+            for command in re.split(r"&&|\|\||;", line):
+                words = shlex.split(command, comments=True)
+                if words:
+                    yield block.where, words
+
+
+def test_the_quickstart_runs_in_a_fresh_shell(tmp_path: Path) -> None:
+    """Every command names a program a fresh shell has (python3, curl) or one the install
+    step put into .venv/bin/; and step 2, run as written (other ports), answers over HTTPS."""
+    page = DOCS / "quickstart.md"
+    [install] = [line for line in command_lines(named("install").text) if line]
+    extras = re.search(r"\.\[([a-z,]+)\]", install)
+    provided = {"pip", "python", "tlsproxy"}
+    if extras and "examples" in extras.group(1).split(","):
+        provided.add("uvicorn")
+    for where, words in fresh_shell_commands(page):
+        program = words[0]
+        if program in ("python3", "curl"):
+            continue
+        assert program.startswith(".venv/bin/"), f"{where}: {program!r}: not on a fresh PATH"
+        assert Path(program).name in provided, f"{where}: the install step gives no {program}"
+
+    ports = {"8000": str(free_port()), "8443": str(free_port()), "8080": str(free_port())}
+    here = {
+        "uvicorn": [sys.executable, "-m", "uvicorn"],
+        "tlsproxy": [sys.executable, "-m", "proxy"],
+    }
+
+    def command(name: str) -> list[str]:
+        [line] = [line for line in command_lines(named(name).text) if line]
+        for port, free in ports.items():
+            line = line.replace(port, free)
+        words = shlex.split(line)
+        return [*here.get(Path(words[0]).name, words[:1]), *words[1:]]
+
+    app = subprocess.Popen([*command("try-locally"), "--log-level", "warning"], cwd=ROOT)
+    log_path = tmp_path / "proxy.log"
+    with log_path.open("wb") as log:
+        running = subprocess.Popen(
+            command("try-locally-proxy"),
+            cwd=tmp_path,
+            env=this_checkout(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(int(ports["8000"]), process=app)
+        wait_for_port(int(ports["8443"]), process=running)
+        curl = command("try-locally-curl")  # and the same from port 80's stand-in, with -L
+        followed = [*curl[:-1], "-L", f"http://app.localhost:{ports['8080']}/"]
+        answers = [
+            subprocess.run(
+                [*argv, "-sS", "--max-time", "10"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
+            for argv in (curl, followed)
+        ]
+    except subprocess.CalledProcessError as exc:
+        raise AssertionError(f"{exc.stderr}\n{log_path.read_text()}") from exc
+    finally:
+        assert stop_process(running) == 0, log_path.read_text()
+        stop_process(app)
+    for answer in answers:
+        seen = json.loads(answer)
+        assert seen["scheme"] == "https" and seen["client"] == "127.0.0.1", seen
+        assert seen["host"] == f"app.localhost:{ports['8443']}"

@@ -145,6 +145,33 @@ async def test_start_request_reload_and_stop_from_code(
         await asyncio.to_thread(fetch, port, "a.localhost", context)
 
 
+async def test_two_reloads_at_once_apply_one_after_the_other(
+    tmp_path: Path, upstream: RawUpstream
+) -> None:
+    """Two SIGHUPs in a row (or two tasks): the second reload diffs against the first's
+    result, so the admin listener moves once and nothing is bound twice."""
+    first = code_config(tmp_path, site("a.localhost", upstream))
+    first = replace(first, server=replace(first.server, admin_listen=Address("127.0.0.1", 0)))
+    async with Proxy(first) as running:
+        old = running.port("admin")
+        moved = replace(
+            first,
+            server=replace(first.server, admin_listen=Address("127.0.0.2", 0)),
+            sites=(*first.sites, site("b.localhost", upstream)),  # a leaf to issue: a pause
+        )
+        async with asyncio.timeout(20):
+            await asyncio.gather(running.reload(moved), running.reload(moved))
+        assert [listener.kind for listener in running.listeners] == ["https", "admin"]
+        host, port = running.listeners[1].bound
+        assert host == "127.0.0.2"
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", old)
+
+
 async def test_your_own_cert_store_serves_what_you_install(
     tmp_path: Path, upstream: RawUpstream
 ) -> None:

@@ -226,6 +226,34 @@ def test_sighup_with_a_broken_config_is_refused_and_old_sites_keep_working(
         assert proxy.stop() == 0, proxy.log()
 
 
+def test_sighup_with_missing_certificate_files_is_one_log_line(
+    app: UvicornApp, tmp_path: Path
+) -> None:
+    proxy = ProxyProcess.start(tmp_path, [{"hosts": ["a.test"], "upstreams": [app.url]}])
+    missing = tmp_path / "not-yet"
+    try:
+        site = {
+            "hosts": ["files.test"],
+            "upstreams": [app.url],
+            "cert": str(missing / "fullchain.pem"),
+            "key": str(missing / "privkey.pem"),
+        }
+        rewrite_config(proxy, lambda c: c["sites"].append(site))
+        proxy.process.send_signal(signal.SIGHUP)
+        log = wait_for_log(proxy, "reload refused")
+        time.sleep(0.5)  # whatever else the reload would log
+        log = proxy.log()
+        assert "Traceback" not in log, log
+        [refused] = [line for line in log.splitlines() if "reload" in line]
+        assert "old configuration kept" in refused
+        assert f"sites[1].cert: cannot read '{missing / 'fullchain.pem'}'" in refused
+        assert "No such file or directory" in refused
+        assert proxy.process.poll() is None
+        assert https_request(proxy, "a.test", get("a.test")).startswith(b"HTTP/1.1 200 ")
+    finally:
+        assert proxy.stop() == 0, proxy.log()
+
+
 # -- certificate files --------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -23,10 +24,10 @@ from proxy import metrics, status, status_page
 from proxy.acme_sites import TEMPORARY_SOURCE, request_for
 from proxy.certsources import describe_certificates
 from proxy.certstore import CertStore, make_entry
-from proxy.config import Config, Upstream, parse_config, start_problems
+from proxy.config import Address, Config, ServerConfig, Upstream, parse_config, start_problems
 from proxy.envconfig import parse_with_env
 from proxy.internal_ca import InternalCA
-from proxy.server import _authorized
+from proxy.server import _authorized, admin_exposure
 from proxy.upstream import UpstreamPool
 from tests.support import ProxyProcess, RefusingPort, free_port, wait_for_port
 
@@ -180,6 +181,24 @@ def test_a_non_loopback_admin_listener_needs_a_token(tmp_path: Path) -> None:
     sites = [{"hosts": ["a.test"], "upstreams": ["http://127.0.0.1:8000"]}]
     config = parse_with_env({"sites": sites}, {"TLSPROXY_ADMIN_TOKEN": "from-env"})
     assert config.server.admin_token == "from-env"
+
+
+def test_the_log_says_what_an_admin_listener_off_loopback_opens() -> None:
+    """A token protects everything but /healthz: an info line saying so, not a warning that
+    /metrics is open to the network."""
+    protected = ServerConfig(admin_listen=Address("0.0.0.0", 9901), admin_token="t")
+    level, line = admin_exposure(protected) or (0, "")
+    assert level == logging.INFO
+    assert line == (
+        "admin listener on 0.0.0.0:9901: /healthz answers anyone on that network; the status "
+        "page, /api/status and /metrics need the admin token"
+    )
+    open_to_all = dataclasses.replace(protected, admin_token="")
+    level, line = admin_exposure(open_to_all) or (0, "")
+    assert level == logging.WARNING
+    assert "/api/status, /metrics and /healthz answer anyone" in line and "no admin_token" in line
+    assert admin_exposure(ServerConfig()) is None  # 127.0.0.1: nothing to say
+    assert admin_exposure(dataclasses.replace(protected, admin_listen=None)) is None
 
 
 def test_with_several_workers_the_page_says_it_shows_one(
