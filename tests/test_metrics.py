@@ -102,6 +102,7 @@ def test_the_whole_default_registry_parses() -> None:
         "tlsproxy_requests_total": "counter",
         "tlsproxy_upstream_response_seconds": "histogram",
         "tlsproxy_upstream_errors_total": "counter",
+        "tlsproxy_upstream_retries_total": "counter",
         "tlsproxy_tls_handshake_failures_total": "counter",
         "tlsproxy_connections_refused_total": "counter",
         "tlsproxy_acme_renewals_total": "counter",
