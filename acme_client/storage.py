@@ -6,7 +6,7 @@ workers and replicas, ``tlsproxy renew``). Keys are ``/``-separated paths such a
 fsync, ``os.replace``), keeps private values 0600 in 0700 directories, and serialises
 writers of one name with ``flock``. Other backends (redis) implement the same protocol.
 
-This module deliberately duplicates the few lines of ``proxy.pemfiles``: ``acme_client``
+This module deliberately duplicates the few lines of ``proxy.certs.pemfiles``: ``acme_client``
 never imports ``proxy``.
 """
 

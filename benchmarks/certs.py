@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from proxy.internal_ca import InternalCA
+from proxy.certs.internal_ca import InternalCA
 
 NAMES = ("bench.test", "localhost")  # wrk sends the URL host as SNI: localhost resolves here
 _END = b"-----END CERTIFICATE-----\n"

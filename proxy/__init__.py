@@ -26,8 +26,8 @@ do not install both in one environment.
 """
 
 from acme_client.interfaces import CertificateSink, ChallengeStore, MemoryChallengeStore
-from proxy.certsources import CertificateError
-from proxy.certstore import CertStore
+from proxy.certs.sources import CertificateError
+from proxy.certs.store import CertStore
 from proxy.config import (
     ACMEConfig,
     Address,

@@ -162,7 +162,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from proxy.certsources import describe_certificates
+    from proxy.certs.sources import describe_certificates
 
     config = load_config_with_env(args.config)
     rows = [("NAMES", "ISSUER", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR")]
@@ -179,7 +179,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _renew(args: argparse.Namespace) -> int:
     """``renew``: ACME certificates now (``--force``: even when not due), into storage."""
-    from proxy.acme_renew import renew
+    from proxy.renew import renew
 
     config = load_config_with_env(args.config)
     problems = start_problems(config)
@@ -224,7 +224,7 @@ async def _serve(
     config: Config, reload_config: Callable[[], Config] | None, reuse_port: bool = False
 ) -> int:
     from proxy import preflight
-    from proxy.certsources import CertificateError
+    from proxy.certs.sources import CertificateError
     from proxy.server import Proxy
     from proxy.tasks import spawn
 

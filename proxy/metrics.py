@@ -269,7 +269,7 @@ def storage_up(up: bool) -> None:
 
 
 class _Named(Protocol):
-    """What the certificate gauge needs of ``proxy.certstore.CertEntry``."""
+    """What the certificate gauge needs of ``proxy.certs.store.CertEntry``."""
 
     @property
     def names(self) -> tuple[str, ...]: ...

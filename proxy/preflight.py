@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from proxy import acme_sites
-from proxy.certsources import CertificateError, FileCertificate
-from proxy.certstore import CertStore
+from proxy.certs import acme_sites
+from proxy.certs.internal_ca import ROOT_CERT, ROOT_KEY, InternalCA, InternalCAError
+from proxy.certs.sources import CertificateError, FileCertificate
+from proxy.certs.store import CertStore
 from proxy.config import Config, Site, start_problems
-from proxy.internal_ca import ROOT_CERT, ROOT_KEY, InternalCA, InternalCAError
 
 
 def problems(config: Config) -> list[str]:

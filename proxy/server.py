@@ -21,20 +21,21 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore
-from proxy import metrics, status, status_page, worker_status
-from proxy.accesslog import AccessLog
-from proxy.acme_sites import challenge_store_for
-from proxy.admission import Gate
-from proxy.certsources import CertificateManager
-from proxy.certstore import CertStore
-from proxy.challenge_http import HTTPResponder
+from proxy import metrics
+from proxy.admin import status, status_page, worker_status
+from proxy.certs.acme_sites import challenge_store_for
+from proxy.certs.sources import CertificateManager
+from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
-from proxy.connection import ClientConnection, Runtime
-from proxy.plainhttp import Answer, PlainHTTPProtocol, text
-from proxy.router import Router
+from proxy.http.accesslog import AccessLog
+from proxy.http.connection import ClientConnection, Runtime
+from proxy.http.router import Router
+from proxy.http.upstream import UpstreamPool
+from proxy.plain.redirect import HTTPResponder
+from proxy.plain.server import Answer, PlainHTTPProtocol, text
 from proxy.tasks import spawn
-from proxy.tlsconn import TLSListener
-from proxy.upstream import UpstreamPool
+from proxy.tls.admission import Gate
+from proxy.tls.connection import TLSListener
 
 log = logging.getLogger("tlsproxy")
 

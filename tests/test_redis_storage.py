@@ -26,7 +26,7 @@ from acme_client.records import CertificateRecords, Metadata
 from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_problem
 from acme_client.renewer import CertificateRequest, Renewer
 from acme_client.storage import LockBusy, open_storage
-from proxy.acme_sites import watch_changes
+from proxy.certs.acme_sites import watch_changes
 from tests.support import free_port, stop_process
 from tests.test_acme_units import DIRECTORY, LocalCA, Sink, wait_for
 

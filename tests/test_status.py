@@ -20,15 +20,16 @@ import pytest
 
 from acme_client.records import CertificateRecords, Metadata
 from acme_client.storage import FileStorage
-from proxy import metrics, status, status_page
-from proxy.acme_sites import TEMPORARY_SOURCE, request_for
-from proxy.certsources import describe_certificates
-from proxy.certstore import CertStore, make_entry
+from proxy import metrics
+from proxy.admin import status, status_page
+from proxy.certs.acme_sites import TEMPORARY_SOURCE, request_for
+from proxy.certs.internal_ca import InternalCA
+from proxy.certs.sources import describe_certificates
+from proxy.certs.store import CertStore, make_entry
 from proxy.config import Address, Config, ServerConfig, Upstream, parse_config, start_problems
 from proxy.envconfig import parse_with_env
-from proxy.internal_ca import InternalCA
+from proxy.http.upstream import UpstreamPool
 from proxy.server import _authorized, admin_exposure
-from proxy.upstream import UpstreamPool
 from tests.support import ProxyProcess, RefusingPort, free_port, wait_for_port
 
 EVIL = "<script>document.title='owned'</script>"

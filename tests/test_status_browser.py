@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from proxy.internal_ca import InternalCA
+from proxy.certs.internal_ca import InternalCA
 from tests.pebble import LoopbackDNS, Pebble, acme_config, pebble_available, start_proxy
 from tests.support import (
     ROOT,

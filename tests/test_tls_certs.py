@@ -30,17 +30,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from acme_client.interfaces import CertificateSink
-from proxy.certsources import (
+from proxy.certs.internal_ca import InternalCA
+from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, write_atomic
+from proxy.certs.sources import (
     CertificateError,
     CertificateManager,
     describe_certificates,
     renewal_due,
     safe_name,
 )
-from proxy.certstore import CertStore, make_entry
+from proxy.certs.store import CertStore, make_entry
 from proxy.config import Site, TLSConfig
-from proxy.internal_ca import InternalCA
-from proxy.pemfiles import CERT_MODE, KEY_MODE, write_atomic
 from proxy.tasks import spawn
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from proxy.certstore import served_chain
+from proxy.certs.store import served_chain
 from tests.support import ProxyProcess, RawUpstream, curl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")

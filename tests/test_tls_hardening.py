@@ -27,11 +27,11 @@ import uvloop
 from cryptography import x509
 
 from proxy import metrics
-from proxy.admission import Gate
-from proxy.certstore import CertStore
-from proxy.internal_ca import InternalCA
-from proxy.tls import sni_matches_host, sni_of
-from proxy.tlsconn import TLSListener
+from proxy.certs.internal_ca import InternalCA
+from proxy.certs.store import CertStore
+from proxy.tls.admission import Gate
+from proxy.tls.connection import TLSListener
+from proxy.tls.policy import sni_matches_host, sni_of
 from tests.promparse import scrape
 from tests.support import ProxyProcess, RawUpstream, free_port, https_request, wait_until
 

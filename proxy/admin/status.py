@@ -2,7 +2,7 @@
 
 Everything is read from sources the proxy already keeps: the configuration, the upstream
 pool's passive health, the metric counters, the certificate store, and the same storage
-rows ``tlsproxy certs`` prints (:func:`proxy.certsources.describe_certificates`), so the page
+rows ``tlsproxy certs`` prints (:func:`proxy.certs.sources.describe_certificates`), so the page
 and ``certs`` cannot disagree. No private key, account key, ACME token or admin token is
 ever read into it.
 
@@ -41,11 +41,12 @@ from typing import Any
 
 from acme_client.records import CertificateRecords, Metadata
 from acme_client.storage import FileStorage
-from proxy import acme_sites, metrics
-from proxy.certsources import CertificateStatus, describe_certificates
-from proxy.certstore import CertEntry, CertStore
+from proxy import metrics
+from proxy.certs import acme_sites
+from proxy.certs.sources import CertificateStatus, describe_certificates
+from proxy.certs.store import CertEntry, CertStore
 from proxy.config import Config, Site, Upstream
-from proxy.upstream import UpstreamPool
+from proxy.http.upstream import UpstreamPool
 
 EXPIRING_SOON = timedelta(days=7)  # at most; short-lived certificates use a sixth of their life
 MIN_RATE_WINDOW = 1.0  # seconds between the two samples a rate is computed from
@@ -60,7 +61,7 @@ def collect(
 ) -> dict[str, Any]:
     """The whole status document (blocking: reads certificate metadata from storage).
 
-    ``snapshots`` are every worker's (proxy/worker_status.py): with them the request counts
+    ``snapshots`` are every worker's (proxy/admin/worker_status.py): with them the request counts
     and upstream health are the whole instance's, not this process's alone.
     """
     now = datetime.now(UTC) if now is None else now

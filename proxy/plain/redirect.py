@@ -7,8 +7,8 @@ from collections.abc import Callable
 import h11
 
 from acme_client.interfaces import ChallengeStore, is_valid_token
-from proxy.plainhttp import Answer, text
-from proxy.router import Router
+from proxy.http.router import Router
+from proxy.plain.server import Answer, text
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 

@@ -14,9 +14,9 @@ Policy (https://ssl-config.mozilla.org/, intermediate, v5.7):
 - The client picks the cipher (no server preference), no compression, no renegotiation,
   session tickets on, ALPN ``http/1.1``.
 
-The SNI callback (:mod:`proxy.certstore`) records on each connection's ``SSLObject`` the
+The SNI callback (:mod:`proxy.certs.store`) records on each connection's ``SSLObject`` the
 server name the client sent; :func:`sni_of` reads it back from the transport's
-``ssl_object`` (:mod:`proxy.tlsconn` on either loop, or an asyncio TLS transport).
+``ssl_object`` (:mod:`proxy.tls.connection` on either loop, or an asyncio TLS transport).
 """
 
 from __future__ import annotations

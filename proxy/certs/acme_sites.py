@@ -27,9 +27,9 @@ from acme_client.redis_storage import HEALTH_HOOKS, is_redis_url
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
 from acme_client.storage import Storage, open_storage
 from proxy import metrics
-from proxy.certstore import CertEntry, CertStore, make_entry
+from proxy.certs.internal_ca import InternalCA
+from proxy.certs.store import CertEntry, CertStore, make_entry
 from proxy.config import ACMEConfig, Site, TLSConfig
-from proxy.internal_ca import InternalCA
 
 log = logging.getLogger("tlsproxy.certs")
 if metrics.storage_up not in HEALTH_HOOKS:
@@ -93,7 +93,7 @@ def uses_acme(site: Site, tls: TLSConfig) -> bool:
 
 
 def request_for(site: Site) -> CertificateRequest:
-    from proxy.certsources import safe_name
+    from proxy.certs.sources import safe_name
 
     return CertificateRequest(safe_name(site.name), site.hosts)
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
+from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
 
 ROOT_CERT = "root.pem"
 ROOT_KEY = "root.key"
@@ -91,7 +91,7 @@ class InternalCA:
 
         ``names`` are DNS names (``*.example.com`` allowed) or IP literals. The chain is
         stored whole, like a ``fullchain.pem``; the root is not sent to clients
-        (:func:`proxy.certstore.served_chain`).
+        (:func:`proxy.certs.store.served_chain`).
         """
         if not names:
             raise ValueError("a certificate needs at least one name")

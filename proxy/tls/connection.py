@@ -10,7 +10,7 @@ handshake timeouts and the answer to a failed handshake had to be wedged into an
 ``SSLObject`` subclass; here they are plain code.
 
 How: the loop's plain TCP transport below, an ``ssl.SSLObject`` over two memory BIOs in
-between, the application's protocol (a :class:`~proxy.connection.ClientConnection`) above,
+between, the application's protocol (a :class:`~proxy.http.connection.ClientConnection`) above,
 created when the handshake completes. Encryption is synchronous: a ``write`` encrypts and
 hands the records to the TCP transport at once, so flow control, ``pause_writing`` and
 the write buffer are the TCP transport's. Each read decrypts the whole records received
@@ -23,7 +23,7 @@ is sent, then the TCP connection is closed; closed, not aborted, as an abort wou
 alert still waiting in the write buffer and the client would see its connection cut, not
 why. OpenSSL decides what deserves an alert: bytes that do not look like TLS get none. A
 client that spoke plain HTTP gets a plaintext 400 instead. A failed handshake is also
-counted (:mod:`proxy.admission`). All of it is on the error paths: a read or write that
+counted (:mod:`proxy.tls.admission`). All of it is on the error paths: a read or write that
 succeeds does no extra work.
 """
 
@@ -36,8 +36,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-from proxy.admission import Gate, Ticket
-from proxy.tls import FAILURE_ATTRIBUTE
+from proxy.tls.admission import Gate, Ticket
+from proxy.tls.policy import FAILURE_ATTRIBUTE
 
 log = logging.getLogger("tlsproxy.tls")
 

@@ -3,7 +3,7 @@
 :class:`CertificateManager` loads every source at start (errors name the site), then keeps
 them fresh in one cancellable loop: file pairs are re-read when they change on disk, internal
 leaves are re-issued when a third of their lifetime remains. A bad update is logged and the
-old certificate keeps serving. ACME sites are delegated to :mod:`proxy.acme_sites` (stored
+old certificate keeps serving. ACME sites are delegated to :mod:`proxy.certs.acme_sites` (stored
 certificate or a temporary one at start, then ``acme_client``'s renewer).
 """
 
@@ -24,11 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
-from proxy import acme_sites
-from proxy.certstore import CertEntry, CertStore, make_entry, normalize
+from proxy.certs import acme_sites
+from proxy.certs.internal_ca import DEFAULT_LEAF_LIFETIME, InternalCA, InternalCAError
+from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
+from proxy.certs.store import CertEntry, CertStore, make_entry, normalize
 from proxy.config import ACMEConfig, Site, TLSConfig
-from proxy.internal_ca import DEFAULT_LEAF_LIFETIME, InternalCA, InternalCAError
-from proxy.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
 
 log = logging.getLogger("tlsproxy.certs")
 

@@ -1,6 +1,6 @@
 """Who gets in on the TLS listeners, and how each handshake ends: ``max_connections``, metrics.
 
-The gate sees every accepted connection before any TLS byte is read (:mod:`proxy.tlsconn`
+The gate sees every accepted connection before any TLS byte is read (:mod:`proxy.tls.connection`
 asks it at accept), counts the handshakes in progress, and ends the ones that outlive
 ``handshake_timeout``. A handshake in progress holds its place under ``max_connections``
 until it completes, fails, the client goes away, or the timeout ends it.

@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from acme_client.challenges import StorageChallengeStore
 from acme_client.renewer import Outcome, Renewer, due_time
 from acme_client.storage import open_storage
-from proxy.acme_sites import request_for, settings_for, uses_acme
-from proxy.certstore import normalize
-from proxy.challenge_http import HTTPResponder
+from proxy.certs.acme_sites import request_for, settings_for, uses_acme
+from proxy.certs.store import normalize
 from proxy.config import Config, Site
-from proxy.plainhttp import PlainHTTPProtocol
-from proxy.router import Router
-from proxy.upstream import UpstreamPool
+from proxy.http.router import Router
+from proxy.http.upstream import UpstreamPool
+from proxy.plain.redirect import HTTPResponder
+from proxy.plain.server import PlainHTTPProtocol
 
 log = logging.getLogger("tlsproxy")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from proxy import metrics
+from proxy.certs.pemfiles import CERT_MODE, write_atomic
 from proxy.config import Site, TLSConfig, Upstream
-from proxy.pemfiles import CERT_MODE, write_atomic
-from proxy.upstream import UpstreamPool
+from proxy.http.upstream import UpstreamPool
 
 INTERVAL = 2.0  # seconds between a worker's snapshots
 FRESH = 10.0  # older snapshots belong to workers that are gone

@@ -25,9 +25,10 @@ from http import HTTPStatus
 from typing import cast
 
 from proxy import metrics
-from proxy.accesslog import AccessLog
 from proxy.config import ServerConfig, Upstream
-from proxy.headers import (
+from proxy.http.accesslog import AccessLog
+from proxy.http.h1.parse import RequestReader
+from proxy.http.policy import (
     CHUNKED,
     NO_BODY,
     UNTIL_CLOSE,
@@ -38,12 +39,11 @@ from proxy.headers import (
     parse_request,
     parse_response,
 )
-from proxy.http1 import RequestReader
-from proxy.router import Route, Router
+from proxy.http.router import Route, Router
+from proxy.http.upstream import UpstreamConnection, UpstreamPool
+from proxy.http.writebatch import WriteBatch
 from proxy.tasks import spawn
-from proxy.tls import sni_matches_host, sni_of
-from proxy.upstream import UpstreamConnection, UpstreamPool
-from proxy.writebatch import WriteBatch
+from proxy.tls.policy import sni_matches_host, sni_of
 
 log = logging.getLogger("tlsproxy.proxy")
 

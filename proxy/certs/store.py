@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.tls import FAILURE_ATTRIBUTE, SNI_ATTRIBUTE, policy_context, server_context
+from proxy.tls.policy import FAILURE_ATTRIBUTE, SNI_ATTRIBUTE, policy_context, server_context
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -219,7 +219,7 @@ class CertStore:
         snapshot's context (the default one for no or unknown names). A certificate loaded
         into the listener would only go stale. Protocol versions, ciphers and groups come
         from the listener (OpenSSL keeps them from the first context); certificate and ALPN
-        from the switched one; both are built by :mod:`proxy.tls`, so they agree.
+        from the switched one; both are built by :mod:`proxy.tls.policy`, so they agree.
 
         ``reject_unknown`` (``server.unknown_sni = "reject"``): a server name that matches
         no certificate, exactly or by wildcard, ends the handshake with the

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.tlsconn import TLSConnection
+from proxy.tls.connection import TLSConnection
 
 log = logging.getLogger("tlsproxy.proxy")
 

@@ -2,7 +2,7 @@
 
 Bytes go in, events come out as calls on a handler; no I/O here. llhttp is strict by
 default (no bare LF, no obs-fold, no CL+TE, no chunk-size overflow); the proxy's own rules
-in :mod:`proxy.headers` hold on top of it. One parser per direction: requests from clients,
+in :mod:`proxy.http.policy` hold on top of it. One parser per direction: requests from clients,
 responses from upstreams.
 """
 
@@ -12,7 +12,7 @@ from typing import Protocol
 
 import httptools
 
-from proxy.headers import HTTPError
+from proxy.http.policy import HTTPError
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from typing import Protocol, cast
 
 from proxy.config import Upstream
-from proxy.headers import HTTPError
-from proxy.http1 import ResponseHandler, ResponseReader
+from proxy.http.h1.parse import ResponseHandler, ResponseReader
+from proxy.http.policy import HTTPError
 
 log = logging.getLogger("tlsproxy.upstream")
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy.config import Site
-from proxy.upstream import Balancer, UpstreamPool
+from proxy.http.upstream import Balancer, UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The admin status page: server-rendered HTML from the :mod:`proxy.status` document.
+"""The admin status page: server-rendered HTML from the :mod:`proxy.admin.status` document.
 
 Every value goes through :func:`html.escape` (site names, upstream errors and CA error
 messages are untrusted text), and the answer carries a Content-Security-Policy without any
@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from proxy.plainhttp import Answer
+from proxy.plain.server import Answer
 
 REFRESH_SECONDS = 10
 SECURITY_HEADERS = (
