@@ -28,8 +28,9 @@ from proxy.certs.sources import CertificateManager
 from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
 from proxy.http.accesslog import AccessLog
-from proxy.http.connection import ClientConnection, Runtime
+from proxy.http.h1.server import H1Connection
 from proxy.http.router import Router
+from proxy.http.runtime import Runtime
 from proxy.http.upstream import UpstreamPool
 from proxy.plain.redirect import HTTPResponder
 from proxy.plain.server import Answer, PlainHTTPProtocol, text
@@ -139,7 +140,8 @@ class Proxy:
         await asyncio.to_thread(self._certs.load_all)
         pool = UpstreamPool(settings.upstream_connect_timeout)
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
-        self._runtime = runtime = Runtime(settings, Router(config.sites, pool), pool, access_log)
+        runtime = Runtime(settings, Router(config.sites, pool), pool, access_log, batch=pool.batch)
+        self._runtime = runtime
         self._context = self.cert_store.listener_context(  # the lambdas see reloaded settings
             reject_unknown=lambda: runtime.settings.unknown_sni == "reject"
         )
@@ -177,8 +179,8 @@ class Proxy:
         if kind == "https":
             assert self._context is not None
 
-            def client(port: int = address.port) -> ClientConnection:
-                return ClientConnection(runtime, port)
+            def client(port: int = address.port) -> H1Connection:
+                return H1Connection(runtime, port)
 
             factory = TLSListener(self._context, self.gate, client)
         else:

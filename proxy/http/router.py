@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proxy.config import Site
-from proxy.http.upstream import Balancer, UpstreamPool
+from proxy.http.upstream import Balancer, Health
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +15,7 @@ class Route:
 
     site: Site
     balancer: Balancer
-    hsts_line: bytes  # b"strict-transport-security: ...\r\n", or b"" when the site has none
+    hsts: tuple[bytes, bytes] | None  # the site's Strict-Transport-Security field, if any
     name: str  # the site's name for logs and metrics (``Site.name``, looked up once)
 
 
@@ -40,12 +40,12 @@ class Router:
 
     _CACHE_LIMIT = 4096
 
-    def __init__(self, sites: Sequence[Site], pool: UpstreamPool) -> None:
+    def __init__(self, sites: Sequence[Site], pool: Health) -> None:
         self._exact: dict[str, SiteRoutes] = {}
         self._wildcard: dict[str, SiteRoutes] = {}
         self._cache: dict[bytes, SiteRoutes | None] = {}
         for site in sites:
-            hsts = b"strict-transport-security: %s\r\n" % site.hsts.encode() if site.hsts else b""
+            hsts = (b"strict-transport-security", site.hsts.encode()) if site.hsts else None
             fallback = Route(site, Balancer(site.upstreams, pool), hsts, site.name)
             prefixes = tuple(
                 (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts, site.name))

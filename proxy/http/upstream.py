@@ -1,8 +1,12 @@
-"""Connections to upstream servers: a keep-alive pool per origin, round robin, passive health.
+"""Connections to upstream servers: HTTP/1.1 client connections, a keep-alive pool per
+origin, round robin, passive health.
 
-The pool is shared by every client connection, so a burst of client connections reuses a
-handful of upstream connections. An upstream that refuses connections is skipped for
-``FAIL_TIMEOUT`` seconds (like nginx's ``max_fails=1 fail_timeout=10s``).
+The pool is shared by every exchange, so a burst of client connections (or the streams
+of one HTTP/2 connection) reuses a handful of upstream connections. An upstream that
+refuses connections is skipped for ``FAIL_TIMEOUT`` seconds (like nginx's ``max_fails=1
+fail_timeout=10s``). An :class:`UpstreamConnection` is attached to one exchange at a time:
+it frames what the exchange sends (:mod:`proxy.http.h1.framing`) and reports the response
+it parses (:mod:`proxy.http.h1.parse`) straight to that exchange.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from collections.abc import Sequence
 from typing import Protocol, cast
 
 from proxy.config import Upstream
-from proxy.http.h1.parse import ResponseHandler, ResponseReader
-from proxy.http.policy import HTTPError
+from proxy.http.exchange import CONNECTING, Exchange, UpstreamLink
+from proxy.http.h1 import framing
+from proxy.http.h1.parse import ResponseReader
+from proxy.http.message import CHUNKED, HTTPError, Request
+from proxy.http.writebatch import WriteBatch
+from proxy.tasks import spawn
 
 log = logging.getLogger("tlsproxy.upstream")
 
@@ -24,77 +32,62 @@ IDLE_TIMEOUT = 4.0  # below uvicorn's 5 s keep-alive, so the upstream rarely clo
 MAX_IDLE_PER_ORIGIN = 256
 
 
-class Owner(ResponseHandler, Protocol):
-    """The client connection that currently holds an upstream connection."""
-
-    def upstream_lost(self, reason: str) -> None: ...
-
-    def upstream_eof(self) -> None: ...
-
-    def upstream_data(self, conn: UpstreamConnection, data: bytes) -> None: ...
-
-    def upstream_writing_paused(self, paused: bool) -> None: ...
-
-    def tunnel_to_client(self, data: bytes) -> None: ...
-
-
 class UpstreamConnection(asyncio.Protocol):
-    """One HTTP/1.1 connection to an origin; its parser reports straight to the owner."""
+    """One HTTP/1.1 connection to an origin (an exchange's ``UpstreamLink``)."""
+
+    __slots__ = (
+        "answered",
+        "batch",
+        "chunked",
+        "exchange",
+        "idle_since",
+        "pool",
+        "reader",
+        "reading_paused",
+        "reused",
+        "transport",
+        "upstream",
+    )
 
     def __init__(self, upstream: Upstream, pool: UpstreamPool) -> None:
         self.upstream = upstream
         self.pool = pool
+        self.batch = pool.batch
         self.reader = ResponseReader(_NOBODY)
         self.transport: asyncio.Transport | None = None
-        self.owner: Owner | None = None
+        self.exchange: Exchange | None = None
         self.reused = False
         self.answered = False  # a byte of a response to the current request has arrived
-        self.tunnel = False
+        self.chunked = False  # the current request's body goes in chunks we frame
         self.reading_paused = False
         self.idle_since = 0.0  # when it went back to the pool (time.monotonic())
 
-    def attach(self, owner: Owner, head_request: bool) -> None:
-        self.owner = owner
+    # -- UpstreamLink: what the exchange does with it -------------------------------------
+
+    def attach(self, exchange: Exchange, head_request: bool) -> None:
+        self.exchange = exchange
         self.answered = False
-        self.reader.handler = owner
+        self.reader.handler = exchange
         self.reader.head_request = head_request
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+    def send_request(self, request: Request) -> None:
+        self.chunked = request.framing == CHUNKED
+        if self.transport is not None:
+            self.batch.write(self.transport, framing.request_head(request))
 
-    def data_received(self, data: bytes) -> None:
-        owner = self.owner
-        if owner is None:  # bytes on an idle connection: nothing can frame them
-            self.close()
-            return
-        if self.tunnel:
-            owner.tunnel_to_client(data)
-        else:
-            self.answered = True
-            owner.upstream_data(self, data)
+    def send_body(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            if self.chunked:
+                self.batch.write(transport, b"%x\r\n" % len(data))
+                self.batch.write(transport, data)
+                self.batch.write(transport, framing.CHUNK_END)
+            else:
+                self.batch.write(transport, data)
 
-    def eof_received(self) -> bool:
-        owner, self.owner = self.owner, None
-        if owner is not None:
-            owner.upstream_eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pool.forget(self)
-        self.reader.handler = _NOBODY  # the parser must not keep a client connection alive
-        owner, self.owner = self.owner, None
-        if owner is not None:
-            owner.upstream_lost(
-                "upstream closed the connection" + (f": {exc}" if exc is not None else "")
-            )
-
-    def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_writing_paused(True)
-
-    def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_writing_paused(False)
+    def send_end(self) -> None:
+        if self.chunked and self.transport is not None:
+            self.batch.write(self.transport, framing.LAST_CHUNK)
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -107,13 +100,69 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        self.owner = None
+        self.exchange = None
+        self.reader.handler = _NOBODY
         if self.transport is not None:
             self.transport.close()
 
+    def detach(self) -> asyncio.Transport:
+        """Hand the transport over to a tunnel: this object leaves the pool for good."""
+        transport = self.transport
+        assert transport is not None
+        self.exchange = None
+        self.reader.handler = _NOBODY
+        self.transport = None
+        self.pool.forget(self)
+        self.resume_reading()
+        transport.resume_reading()
+        return transport
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:  # bytes on an idle connection: nothing can frame them
+            self.close()
+            return
+        self.answered = True
+        try:
+            rest = self.reader.feed(data)
+        except HTTPError as error:
+            self.close()
+            exchange.upstream_invalid(error)
+            return
+        if rest is not None:
+            exchange.switched(rest)
+
+    def eof_received(self) -> bool:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        self.reader.handler = _NOBODY  # the parser must not keep an exchange alive
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(
+                "upstream closed the connection" + (f": {exc}" if exc is not None else "")
+            )
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_writable(True)
+
 
 class _NoBody:
-    """The parser's handler while a connection has no owner: any response is an error."""
+    """The parser's handler while a connection has no exchange: any response is an error."""
 
     def response_head(
         self, status: int, reason: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
@@ -131,10 +180,12 @@ _NOBODY = _NoBody()
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per origin, and which origins are failing."""
+    """Idle keep-alive connections per origin, and which origins are failing (the
+    exchanges' ``Connector``)."""
 
-    def __init__(self, connect_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, batch: WriteBatch | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.batch = batch if batch is not None else WriteBatch()
         self._idle: dict[Upstream, list[UpstreamConnection]] = {}
         self._down_until: dict[Upstream, float] = {}
         self._failing: dict[Upstream, tuple[float, str]] = {}  # since (Unix time), last error
@@ -153,6 +204,24 @@ class UpstreamPool:
             return conn
         return None
 
+    def open(self, upstream: Upstream, exchange: Exchange) -> None:
+        """Connect in the background; then ``exchange.connected`` or ``connect_failed``."""
+        spawn(self._open(upstream, exchange), name=f"connect {upstream.url}")
+
+    async def _open(self, upstream: Upstream, exchange: Exchange) -> None:
+        try:
+            conn = await self.connect(upstream)
+        except TimeoutError:
+            exchange.connect_failed(upstream, True, "connect timed out")
+            return
+        except OSError as exc:
+            exchange.connect_failed(upstream, False, exc.strerror or str(exc))
+            return
+        if exchange.state != CONNECTING:  # the client went away; the connection is fresh
+            self.release(conn, reusable=True)
+            return
+        exchange.connected(conn)
+
     async def connect(self, upstream: Upstream) -> UpstreamConnection:
         """A new connection; raises TimeoutError or OSError (the caller picks 504 or 502)."""
         loop = asyncio.get_running_loop()
@@ -163,9 +232,11 @@ class UpstreamPool:
         self.mark_up(upstream)
         return conn
 
-    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
-        """Pool ``conn`` when its last exchange ended cleanly on both sides, else close it."""
-        conn.owner = None
+    def release(self, link: UpstreamLink, reusable: bool) -> None:
+        """Pool the connection when its last exchange ended cleanly on both sides, else close
+        it (``link`` is one of this pool's connections: no other kind exists)."""
+        conn = cast(UpstreamConnection, link)
+        conn.exchange = None
         conn.reader.handler = _NOBODY
         conn.resume_reading()
         transport = conn.transport
@@ -225,10 +296,16 @@ class UpstreamPool:
         self._idle.clear()
 
 
+class Health(Protocol):
+    """What a balancer asks of the pool."""
+
+    def is_up(self, upstream: Upstream) -> bool: ...
+
+
 class Balancer:
     """Round robin over a site's upstreams, skipping those marked down."""
 
-    def __init__(self, upstreams: Sequence[Upstream], pool: UpstreamPool) -> None:
+    def __init__(self, upstreams: Sequence[Upstream], pool: Health) -> None:
         self._upstreams = tuple(upstreams)
         self._single = self._upstreams[0] if len(self._upstreams) == 1 else None
         self._pool = pool

@@ -48,17 +48,27 @@ class WriteBatch:
             self.flush()
 
     def flush(self) -> None:
-        """Send everything waiting, in order (transports closed meanwhile are skipped)."""
+        """Send everything waiting, one write per transport (its pieces joined in order;
+        transports closed meanwhile are skipped). A response head, its body and a chunk's
+        framing, written as they were produced, leave as one TLS record and one send."""
         waiting = self._waiting
-        if waiting:
-            self._waiting = []
-            self._size = 0
-            for transport, data in waiting:
-                if not transport.is_closing():
-                    try:
-                        transport.write(data)
-                    except Exception:  # one broken transport must not strand the others' data
-                        log.exception("write to %r failed", transport)
+        if not waiting:
+            return
+        self._waiting = []
+        self._size = 0
+        if len(waiting) == 1:
+            transport, data = waiting[0]
+            _write(transport, data)
+            return
+        joined: dict[asyncio.WriteTransport, list[bytes]] = {}
+        for transport, data in waiting:
+            pieces = joined.get(transport)
+            if pieces is None:
+                joined[transport] = [data]
+            else:
+                pieces.append(data)
+        for transport, pieces in joined.items():
+            _write(transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def close(self, transport: asyncio.WriteTransport) -> None:
         """Close ``transport`` after the writes waiting for it; the others keep waiting
@@ -77,3 +87,11 @@ class WriteBatch:
         if last and not transport.is_closing():
             transport.write(last)
         transport.close()
+
+
+def _write(transport: asyncio.WriteTransport, data: bytes) -> None:
+    if not transport.is_closing():
+        try:
+            transport.write(data)
+        except Exception:  # one broken transport must not strand the others' data
+            log.exception("write to %r failed", transport)

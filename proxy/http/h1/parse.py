@@ -12,7 +12,7 @@ from typing import Protocol
 
 import httptools
 
-from proxy.http.policy import HTTPError
+from proxy.http.message import HTTPError
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
