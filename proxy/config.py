@@ -100,6 +100,7 @@ class ServerConfig:
     request_body_timeout: float = 60.0  # longest pause between request body bytes -> 408
     websocket_idle_timeout: float = 600.0  # a WebSocket tunnel with no traffic is closed
     send_timeout: float = 60.0  # a client that reads nothing this long is cut off, both sides
+    http2: bool = True  # ALPN offers h2 (then http/1.1); False: http/1.1 only
     max_header_bytes: int = 32 * 1024  # request line + headers; more -> 431
     max_headers: int = 100  # header fields in one request; more -> 431
     max_body_bytes: int = 0  # request body limit (0 = none); more -> 413
@@ -392,6 +393,12 @@ def _nonempty(value: object) -> str:
     return text
 
 
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _one_of(*choices: T) -> Callable[[object], T]:
     """A converter accepting exactly one of the string ``choices``."""
 
@@ -600,6 +607,7 @@ def _server(value: object) -> ServerConfig:
         request_body_timeout=t.get("request_body_timeout", _seconds, d.request_body_timeout),
         websocket_idle_timeout=t.get("websocket_idle_timeout", _seconds, d.websocket_idle_timeout),
         send_timeout=t.get("send_timeout", _seconds, d.send_timeout),
+        http2=t.get("http2", _boolean, d.http2),
         max_header_bytes=t.get("max_header_bytes", _count(1024), d.max_header_bytes),
         max_headers=t.get("max_headers", _count(1), d.max_headers),
         max_body_bytes=t.get("max_body_bytes", _count(0), d.max_body_bytes),

@@ -29,6 +29,7 @@ from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
 from proxy.http.accesslog import AccessLog
 from proxy.http.h1.server import H1Connection
+from proxy.http.h2.server import H2Connection
 from proxy.http.router import Router
 from proxy.http.runtime import Runtime
 from proxy.http.upstream import UpstreamPool
@@ -142,6 +143,7 @@ class Proxy:
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
         runtime = Runtime(settings, Router(config.sites, pool), pool, access_log, batch=pool.batch)
         self._runtime = runtime
+        self.cert_store.set_alpn(_alpn(settings))
         self._context = self.cert_store.listener_context(  # the lambdas see reloaded settings
             reject_unknown=lambda: runtime.settings.unknown_sni == "reject"
         )
@@ -179,7 +181,9 @@ class Proxy:
         if kind == "https":
             assert self._context is not None
 
-            def client(port: int = address.port) -> H1Connection:
+            def client(alpn: str | None, port: int = address.port) -> asyncio.Protocol:
+                if alpn == "h2":
+                    return H2Connection(runtime, port)
                 return H1Connection(runtime, port)
 
             factory = TLSListener(self._context, self.gate, client)
@@ -321,6 +325,9 @@ class Proxy:
         runtime.access_log = None if new.access_log == "off" else AccessLog(new.access_log)
         runtime.router = Router(config.sites, runtime.pool)
         self._responder = HTTPResponder(self.challenges, lambda: runtime.router, new.https_port)
+        self.cert_store.set_alpn(_alpn(new))
+        for connection in list(runtime.connections):
+            connection.retire()  # HTTP/2: GOAWAY, so clients reconnect to the new settings
         self.config = config
         for key in gone:
             opened = self._open.pop(key)
@@ -464,6 +471,11 @@ def admin_exposure(settings: ServerConfig) -> tuple[int, str] | None:
         f"admin listener on {address}: the status page, /api/status, /metrics and /healthz "
         "answer anyone on that network (no admin_token)",
     )
+
+
+def _alpn(settings: ServerConfig) -> list[str]:
+    """What the TLS listeners offer: ``h2`` first unless ``http2 = false``."""
+    return ["h2", "http/1.1"] if settings.http2 else ["http/1.1"]
 
 
 def _authorized(token: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:

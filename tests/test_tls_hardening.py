@@ -83,7 +83,9 @@ async def listener(
     context = store.listener_context(reject_unknown=reject)
     gate = Gate(lambda: limit, set(), handshake_timeout=5)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(TLSListener(context, gate, protocol), "127.0.0.1", 0)
+    server = await loop.create_server(
+        TLSListener(context, gate, lambda alpn: protocol()), "127.0.0.1", 0
+    )
     try:
         yield server.sockets[0].getsockname()[1], seen
     finally:

@@ -19,7 +19,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.tls.policy import FAILURE_ATTRIBUTE, SNI_ATTRIBUTE, policy_context, server_context
+from proxy.tls.policy import (
+    ALPN,
+    FAILURE_ATTRIBUTE,
+    SNI_ATTRIBUTE,
+    policy_context,
+    server_context,
+)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -116,6 +122,8 @@ class CertStore:
     def __init__(self) -> None:
         self._snapshot = _EMPTY
         self._write_lock = threading.Lock()
+        self._alpn = list(ALPN)
+        self._listeners: list[ssl.SSLContext] = []
 
     # -- writers -------------------------------------------------------------------------
 
@@ -138,12 +146,23 @@ class CertStore:
         first entry ever installed becomes the default (see :meth:`set_default`).
         """
         with self._write_lock:
+            entry.context.set_alpn_protocols(self._alpn)
             old = self._snapshot
             entries = {n: e for n, e in old.entries.items() if n not in entry.names}
             entries.update(dict.fromkeys(entry.names, entry))
             default_name = old.default_name if old.default_name in entries else entry.names[0]
             self._publish(entries, default_name)
         return entry
+
+    def set_alpn(self, protocols: Sequence[str]) -> None:
+        """The application protocols every handshake offers, in order of preference (ALPN
+        is read from the context SNI switched to, so all of them must agree); new
+        handshakes see the change, open connections keep what they chose."""
+        with self._write_lock:
+            self._alpn = list(protocols)
+            contexts = [entry.context for entry in self._snapshot.entries.values()]
+            for context in contexts + self._listeners:
+                context.set_alpn_protocols(self._alpn)
 
     def set_default(self, name: str) -> None:
         """Serve ``name``'s certificate to clients that send no (or an unknown) server name."""
@@ -254,7 +273,9 @@ class CertStore:
             return None
 
         context = policy_context()
+        context.set_alpn_protocols(self._alpn)
         context.sni_callback = sni_callback
+        self._listeners.append(context)
         return context
 
 

@@ -14,6 +14,7 @@ dataclass ``__init__`` costs several times as much.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from http import HTTPStatus
 
 Fields = Sequence[tuple[bytes, bytes]]
 
@@ -153,3 +154,9 @@ class Response:
         self.framing = framing
         self.length = length
         self.keep_alive = keep_alive
+
+
+def error_body(status: int) -> bytes:
+    """The body of the proxy's own answer for ``status``: the status line's words only (the
+    reason, for the log, may name upstreams and is not for clients)."""
+    return b"%d %s\n" % (status, HTTPStatus(status).phrase.encode())

@@ -163,7 +163,7 @@ def _without(fields: list[tuple[bytes, bytes]], named: set[bytes]) -> list[tuple
 def check_request(head: RequestHead, peer: Peer) -> Request:
     """Check a request head and decide what of it goes upstream (raises HTTPError)."""
     method, target, version = head.method, head.target, head.version
-    if version != b"1.1" and version != b"2" and version != b"1.0":
+    if version != b"1.1" and version != b"2.0" and version != b"1.0":
         raise HTTPError(505, f"HTTP/{version.decode('latin-1')} is not supported")
     if method == b"CONNECT":
         raise HTTPError(501, "CONNECT is not supported by a reverse proxy")

@@ -37,6 +37,10 @@ class Served(Protocol):
     def close_if_idle(self) -> bool:
         """Close now when no request is in flight (graceful shutdown); True if closed."""
 
+    def retire(self) -> None:
+        """A reload happened: a connection that keeps per-connection settings (HTTP/2's)
+        asks its client to open a new one once its requests are done."""
+
 
 @dataclass(slots=True, eq=False)
 class Runtime:

@@ -111,6 +111,9 @@ class Tunnel:
             return
         self.close()
 
+    def retire(self) -> None:
+        """A WebSocket keeps its connection across reloads."""
+
     def close_if_idle(self) -> bool:
         return False  # an open WebSocket is in flight until it ends or the drain times out
 

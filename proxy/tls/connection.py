@@ -58,8 +58,13 @@ class TLSListener:
     __slots__ = ("app_factory", "context", "gate")
 
     def __init__(
-        self, context: ssl.SSLContext, gate: Gate, app_factory: Callable[[], asyncio.Protocol]
+        self,
+        context: ssl.SSLContext,
+        gate: Gate,
+        app_factory: Callable[[str | None], asyncio.Protocol],
     ) -> None:
+        """``app_factory(alpn)`` makes the protocol layer for the ALPN protocol the handshake
+        chose (None: the client offered none)."""
         self.context = context
         self.gate = gate
         self.app_factory = app_factory
@@ -164,7 +169,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             self._flush()
         # In TLS 1.3 only session tickets wait and no client waits for them: they leave with
         # the first response, in its TCP write (a write less per connection).
-        app = self._app = self._listener.app_factory()
+        app = self._app = self._listener.app_factory(self._sslobj.selected_alpn_protocol())
         self._app_data = app.data_received
         app.connection_made(self)
         if self._incoming.pending or self._pending():  # the first request came along

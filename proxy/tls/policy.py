@@ -12,7 +12,8 @@ Policy (https://ssl-config.mozilla.org/, intermediate, v5.7):
   flag). Python's ``ssl`` only sets a single curve (``set_ecdh_curve``); see
   :func:`_set_groups` for how the list is set, and its fallback.
 - The client picks the cipher (no server preference), no compression, no renegotiation,
-  session tickets on, ALPN ``http/1.1``.
+  session tickets on, ALPN ``h2`` and ``http/1.1`` (``[server] http2 = false``: only
+  ``http/1.1``).
 
 The SNI callback (:mod:`proxy.certs.store`) records on each connection's ``SSLObject`` the
 server name the client sent; :func:`sni_of` reads it back from the transport's
@@ -47,7 +48,7 @@ TLS12_CIPHERS = ":".join(
 )
 GROUPS = "X25519:P-256:P-384"
 FALLBACK_CURVE = "prime256v1"  # the one group every Mozilla-intermediate client supports
-ALPN = ["http/1.1"]
+ALPN = ["h2", "http/1.1"]  # what every context offers; CertStore.set_alpn can narrow it
 
 _SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is a macro over SSL_CTX_ctrl
 

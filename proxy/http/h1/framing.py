@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from proxy.http.message import Request, Response
+from proxy.http.message import Request, Response, error_body
 
 CHUNK_END = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -58,10 +58,10 @@ def chunk(data: bytes) -> list[bytes]:
 def error_answer(status: int, head_only: bool) -> tuple[bytes, int]:
     """The proxy's own answer for ``status`` (and the connection closes after it); returns
     the bytes and the body's length (for the access log)."""
-    phrase = HTTPStatus(status).phrase.encode()
-    body = b"%d %s\n" % (status, phrase)
+    body = error_body(status)
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, phrase, len(body))
+        b"content-length: %d\r\nconnection: close\r\n\r\n"
+        % (status, HTTPStatus(status).phrase.encode(), len(body))
     )
     return (head if head_only else head + body), len(body)

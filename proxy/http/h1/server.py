@@ -117,6 +117,9 @@ class H1Connection(asyncio.Protocol):
         elif not exchanges and self.idle_deadline <= now:
             self.batch.close(transport)
 
+    def retire(self) -> None:
+        """Nothing to do: every request reads the current settings."""
+
     def close_if_idle(self) -> bool:
         """Close now when no request is in flight (graceful shutdown); True if closed."""
         if not self.exchanges and self.transport is not None:

@@ -1,0 +1,1 @@
+"""HTTP/2 from clients: the h2 library under one exchange per stream."""
