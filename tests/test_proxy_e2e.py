@@ -142,8 +142,9 @@ def test_hsts_is_added_for_sites_that_ask(proxy: ProxyProcess) -> None:
     assert b"strict-transport-security" not in without.lower()
 
 
+@pytest.mark.parametrize("protocol", ["--http1.1", "--http2"])
 def test_64_mib_upload_and_download_stream_with_flat_memory(
-    proxy: ProxyProcess, tmp_path: Path
+    proxy: ProxyProcess, tmp_path: Path, protocol: str
 ) -> None:
     size = 64 * 1024 * 1024
     block = bytes(range(256)) * 4096
@@ -160,12 +161,13 @@ def test_64_mib_upload_and_download_stream_with_flat_memory(
         f"@{upload}",
         "-H",
         "content-type: application/octet-stream",
+        protocol,
     )
     answer = json.loads(result.stdout)
     assert answer["bytes"] == size
     assert answer["sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest()
     download = tmp_path / "download.bin"
-    curl(proxy, "app.test", f"/download?size={size}", "-o", str(download))
+    curl(proxy, "app.test", f"/download?size={size}", "-o", str(download), protocol)
     assert download.stat().st_size == size
     assert (
         hashlib.sha256(download.read_bytes()).digest()
