@@ -166,14 +166,17 @@ def test_sni_picks_each_names_certificate(run: Run, ca: InternalCA) -> None:
     store.install(["a.test"], *a, issuer="internal")
     store.install(["B.test."], *b, issuer="internal")
 
-    async def scenario() -> tuple[Seen, Seen]:
+    async def scenario() -> tuple[Seen, Seen, Seen]:
         async with tls_server(store) as port:
-            return await ahandshake(port, ca, "a.test"), await ahandshake(port, ca, "b.test")
+            first = await ahandshake(port, ca, "a.test"), await ahandshake(port, ca, "b.test")
+            store.set_alpn(["http/1.1"])  # http2 = false, on a live listener (a reload)
+            return *first, await ahandshake(port, ca, "b.test")
 
-    seen_a, seen_b = run(scenario())
+    seen_a, seen_b, http11 = run(scenario())
     assert (seen_a.serial, seen_b.serial) == (serial_of(a[0]), serial_of(b[0]))
+    assert http11.alpn == "http/1.1"
     for s in (seen_a, seen_b):
-        assert s.alpn == "http/1.1"
+        assert s.alpn == "h2"  # the switched context's ALPN agrees with the listener's
         assert s.version == "TLSv1.3"
         key = s.certificate.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)

@@ -146,6 +146,10 @@ class Downstream(Protocol):
 
     def upgrade(self, exchange: Exchange, link: UpstreamLink, rest: bytes) -> None: ...
 
+    def flush(self) -> None:
+        """What one read from the upstream produced is all there: send it (HTTP/2 holds
+        its DATA until then, to send a small body and its end in one frame)."""
+
 
 class UpstreamLink(Protocol):
     """One HTTP/1.1 connection to an upstream (``proxy.http.upstream``); it frames what it
@@ -458,6 +462,10 @@ class Exchange:
             self.context.pool.release(link, reusable)
         self._log(link.upstream if link is not None else None)
         self.downstream.respond_end(self)
+
+    def upstream_read_done(self) -> None:
+        """One read from the upstream has been handled."""
+        self.downstream.flush()
 
     def switched(self, rest: bytes) -> None:
         """The upstream answered a WebSocket handshake with 101; ``rest`` followed it."""

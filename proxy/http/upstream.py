@@ -136,6 +136,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if rest is not None:
             exchange.switched(rest)
+        else:
+            exchange.upstream_read_done()
 
     def eof_received(self) -> bool:
         exchange, self.exchange = self.exchange, None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from proxy.tls.connection import TLSConnection
 
@@ -32,25 +33,44 @@ LIMIT = 64 * 1024  # bytes held before the batch is sent without waiting for the
 class WriteBatch:
     """Writes waiting for the end of the current loop iteration (one batch per loop)."""
 
-    __slots__ = ("_size", "_waiting")
+    __slots__ = ("_producers", "_scheduled", "_size", "_waiting")
 
     def __init__(self) -> None:
         self._waiting: list[tuple[asyncio.WriteTransport, bytes]] = []
+        self._producers: list[Callable[[], None]] = []
         self._size = 0
+        self._scheduled = False
 
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
-        waiting = self._waiting
-        if not waiting:
-            asyncio.get_running_loop().call_soon(self.flush)  # after this iteration's I/O
-        waiting.append((transport, data))
+        if not self._scheduled:
+            self._schedule()
+        self._waiting.append((transport, data))
         self._size += len(data)
         if self._size > LIMIT:
             self.flush()
+
+    def produce(self, producer: Callable[[], None]) -> None:
+        """Call ``producer`` once, just before the next flush: a protocol that buffers its
+        own output (HTTP/2's frames) writes it then, once per iteration, however many
+        streams added to it."""
+        if not self._scheduled:
+            self._schedule()
+        self._producers.append(producer)
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self.flush)  # after this iteration's I/O
 
     def flush(self) -> None:
         """Send everything waiting, one write per transport (its pieces joined in order;
         transports closed meanwhile are skipped). A response head, its body and a chunk's
         framing, written as they were produced, leave as one TLS record and one send."""
+        producers = self._producers
+        if producers:  # what they write joins this flush
+            self._producers = []
+            for producer in producers:
+                producer()
+        self._scheduled = False
         waiting = self._waiting
         if not waiting:
             return

@@ -142,9 +142,10 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         parser = self._parser
         headers, self._headers = self._headers, []  # not kept while the connection idles
-        self._handler.request_head(
-            parser.get_method(), self._target, _version(parser.get_http_version()), headers
-        )
+        version = _version(parser.get_http_version())
+        if version != b"1.1" and version != b"1.0":  # HTTP/2 comes by ALPN, never in a line
+            raise HTTPError(505, f"HTTP/{version.decode('latin-1')} is not supported here")
+        self._handler.request_head(parser.get_method(), self._target, version, headers)
 
     def on_body(self, body: bytes) -> None:
         self._handler.request_body(body)

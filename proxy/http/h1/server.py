@@ -324,6 +324,9 @@ class H1Connection(asyncio.Protocol):
         self.runtime.connections.discard(self)  # the tunnel takes its place
         Tunnel(self.runtime, transport, link.detach(), rest, held)
 
+    def flush(self) -> None:
+        """Nothing waits here: every write is already in the write batch."""
+
     # -- the end of an exchange -----------------------------------------------------------
 
     def _next(self, exchange: Exchange) -> None:

@@ -28,6 +28,8 @@ _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_CHECKED: set[tuple[bytes, bytes]] = set()  # regular fields that passed: clients repeat them
+_CHECKED_MAX = 4096  # then the set starts over (bounded whatever clients send)
 
 
 def _malformed(why: str) -> HTTPError:
@@ -43,15 +45,16 @@ def request_head(
     ``body``: the block did not end the stream (DATA frames may follow).
     """
     size = 0
-    for name, value in block:
-        size += len(name) + len(value) + 4  # as an HTTP/1.1 line would count it
-    if size > max_bytes:
-        raise HTTPError(431, f"request fields larger than {max_bytes} bytes")
     pseudo: dict[bytes, bytes] = {}
     fields: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
+    checked = _CHECKED
     for field in block:
         name, value = field
+        size += len(name) + len(value) + 4  # as an HTTP/1.1 line would count it
+        if field in checked:
+            fields.append(field)
+            continue
         if name[:1] == b":":
             if fields or cookies:
                 raise _malformed(f"{name!r} after a regular field")
@@ -75,6 +78,11 @@ def request_head(
             cookies.append(value)
             continue
         fields.append(field)
+        if len(checked) >= _CHECKED_MAX:
+            checked.clear()
+        checked.add(field)
+    if size > max_bytes:
+        raise HTTPError(431, f"request fields larger than {max_bytes} bytes")
     method = pseudo.get(b":method")
     path = pseudo.get(b":path")
     if not method or not path or pseudo.get(b":scheme") is None:

@@ -43,10 +43,12 @@ import h2.stream
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
-from proxy.http.exchange import DONE, Exchange, UpstreamLink
+from proxy.http.exchange import COMPLETE, DONE, NEVER, Exchange, UpstreamLink
+from proxy.http.h2.encoder import StatelessEncoder
 from proxy.http.h2.fields import request_head
 from proxy.http.message import NO_BODY, HTTPError, Response, error_body
 from proxy.http.policy import Peer
+from proxy.http.writebatch import LIMIT
 from proxy.tls.policy import sni_of
 
 if TYPE_CHECKING:
@@ -95,7 +97,9 @@ class H2Stream:
     """One stream of an HTTP/2 connection: the Downstream of its exchange."""
 
     __slots__ = (
+        "blocked_since",
         "connection",
+        "done",
         "exchange",
         "held",
         "held_bytes",
@@ -111,6 +115,8 @@ class H2Stream:
         self.exchange: Exchange = cast(Exchange, None)  # set right after
         self.held: list[bytes] | None = None  # response data waiting for window; None: ended
         self.held_bytes = 0
+        self.blocked_since = 0.0  # when held data last found no window (0: none waits)
+        self.done = False  # the exchange is over; the stream ends once what is held is sent
         self.stalled = False  # its upstream is paused: too much is held
         self.holding = False  # the exchange asked to pause the client: acknowledge nothing
         self.unacked = 0  # DATA bytes taken meanwhile, acknowledged when it resumes
@@ -126,17 +132,18 @@ class H2Stream:
         self.held = None if end else []
 
     def respond_body(self, data: bytes) -> None:
-        if self.held is not None and data:
+        if self.held is not None and data:  # sent at flush(): the end may come in the same read
             self.held.append(data)
             self.held_bytes += len(data)
-            self.connection.send_held(self)
 
     def respond_end(self, exchange: Exchange) -> None:
-        connection = self.connection
         if self.held is not None:
             self.held.append(b"")  # the end, after what is held
-            connection.send_held(self)
-        connection.finished(self)
+        self.connection.finished(self)
+
+    def flush(self) -> None:
+        if self.held:
+            self.connection.send_held(self)
 
     def answer_error(self, exchange: Exchange, error: HTTPError) -> None:
         connection = self.connection
@@ -149,6 +156,7 @@ class H2Stream:
         connection.finished(self)
 
     def cut(self, exchange: Exchange) -> None:
+        self.held = None
         self.connection.reset(self, ErrorCodes.INTERNAL_ERROR)
         self.connection.finished(self)
 
@@ -173,12 +181,14 @@ class H2Connection(asyncio.Protocol):
         "closing",
         "control_frames",
         "counted_since",
+        "flushing",
         "h2",
         "idle_deadline",
         "last_stream",
         "listen_port",
         "paused",
         "peer",
+        "queued",
         "resets",
         "runtime",
         "sni",
@@ -196,11 +206,14 @@ class H2Connection(asyncio.Protocol):
         self.sni: str | None = None
         self.sni_host = b""
         self.h2 = _Library(_CONFIG)
+        self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.streams: dict[int, H2Stream] = {}
         self.idle_deadline = 0.0
         self.closing = False  # GOAWAY sent: no new streams; close when the last one ends
         self.last_stream = 0  # the last stream id taken, once GOAWAY has been sent
         self.paused = False  # the socket's write buffer is full
+        self.flushing = False  # _send_queued will run before the write batch's next flush
+        self.queued = 0  # DATA bytes the library holds for the next write
         self.resets = 0
         self.control_frames = 0
         self.counted_since = 0.0
@@ -423,9 +436,8 @@ class H2Connection(asyncio.Protocol):
         try:
             while held:
                 chunk = held[0]
-                if not chunk:  # the end
+                if not chunk:  # the end, with nothing before it
                     conn.send_data(stream.id, b"", end_stream=True)
-                    held.clear()
                     stream.held = None
                     sent = True
                     break
@@ -433,18 +445,31 @@ class H2Connection(asyncio.Protocol):
                 if window <= 0:
                     break
                 size = min(window, conn.max_outbound_frame_size, len(chunk))
-                conn.send_data(stream.id, chunk[:size] if size < len(chunk) else chunk)
                 sent = True
+                self.queued += size
                 stream.held_bytes -= size
                 if size < len(chunk):
+                    conn.send_data(stream.id, chunk[:size])
                     held[0] = chunk[size:]
+                elif len(held) > 1 and not held[1]:  # the last piece: it ends the stream
+                    conn.send_data(stream.id, chunk, end_stream=True)
+                    stream.held = None
+                    break
                 else:
+                    conn.send_data(stream.id, chunk)
                     held.pop(0)
         except h2.exceptions.ProtocolError:  # the stream went away meanwhile
             stream.held = None
-            return
         if sent:
             self._flush()
+        if not stream.held:
+            stream.blocked_since = 0.0
+            stream.held_bytes = 0
+            if stream.done:
+                self._drop(stream)
+                return
+        elif not stream.blocked_since:
+            stream.blocked_since = self.runtime.loop.time()
         exchange = stream.exchange
         if stream.held_bytes > HELD_BYTES:
             if not stream.stalled:
@@ -467,7 +492,13 @@ class H2Connection(asyncio.Protocol):
         self._flush()
 
     def finished(self, stream: H2Stream) -> None:
-        """The stream's exchange is done; one that still sends a body is told to stop."""
+        """The stream's exchange is done; the stream ends once what it holds is sent."""
+        stream.done = True
+        if not stream.held:
+            self._drop(stream)
+
+    def _drop(self, stream: H2Stream) -> None:
+        """The stream is over on our side; a client still sending its body is told to stop."""
         if self.streams.pop(stream.id, None) is None:
             return
         if stream.exchange.request_state != DONE:  # the client is still sending: stop it
@@ -487,9 +518,12 @@ class H2Connection(asyncio.Protocol):
         if not streams:
             return self.idle_deadline
         send_timeout = self.runtime.settings.send_timeout
-        due = min(s.exchange.deadline for s in streams.values())
+        due = NEVER
         for stream in streams.values():
-            stalled = stream.exchange.stalled_since
+            exchange = stream.exchange
+            if exchange.state < COMPLETE and exchange.deadline < due:
+                due = exchange.deadline
+            stalled = exchange.stalled_since or stream.blocked_since
             if stalled and stalled + send_timeout < due:
                 due = stalled + send_timeout
         return due
@@ -500,8 +534,20 @@ class H2Connection(asyncio.Protocol):
                 self._goaway(ErrorCodes.NO_ERROR)
                 self._close()
             return
+        send_timeout = self.runtime.settings.send_timeout
         for stream in list(self.streams.values()):
-            stream.exchange.expire(now)
+            if stream.blocked_since and stream.blocked_since + send_timeout <= now:
+                log.warning(
+                    "HTTP/2 stream from %s reset: the client read nothing for %g s (send_timeout)",
+                    self.peer.ip,
+                    send_timeout,
+                )
+                stream.held = None
+                self.reset(stream, ErrorCodes.CANCEL)
+                stream.exchange.client_gone()
+                self._drop(stream)
+            else:
+                stream.exchange.expire(now)
         self._flush()
 
     def retire(self) -> None:
@@ -526,17 +572,29 @@ class H2Connection(asyncio.Protocol):
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.last_stream
         frame.error_code = code
-        self._flush()
+        self._send_queued()  # what the library queued goes before it
         if self.transport is not None:
             self.batch.write(self.transport, frame.serialize())
 
     def _flush(self) -> None:
+        """What the library queued leaves with this iteration's writes: one write for every
+        stream that answered meanwhile. Bulk data goes at once, so the socket's buffer (and
+        its pause, which stops the upstreams) sees a large body as it arrives."""
+        if self.queued > LIMIT:
+            self._send_queued()
+        elif not self.flushing:
+            self.flushing = True
+            self.batch.produce(self._send_queued)
+
+    def _send_queued(self) -> None:
+        self.flushing = False
+        self.queued = 0
         data = self.h2.data_to_send()
         if data and self.transport is not None:
             self.batch.write(self.transport, data)
 
     def _close(self) -> None:
-        self._flush()
+        self._send_queued()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self.batch.close(transport)
