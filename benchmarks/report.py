@@ -445,8 +445,12 @@ def write_outputs(result: dict[str, Any], directory: Path) -> list[Path]:
     written = [directory / "results.json"]
     written[0].write_text(json.dumps(result, indent=2) + "\n")
     plots = plot(result, directory)
-    if not plots:
-        result["notes"].append("no plots: matplotlib is missing (pip install -e '.[bench]')")
+    no_plots = "no plots: matplotlib is missing (pip install -e '.[bench]')"
+    if (no_plots in result["notes"]) == bool(plots):  # a --render with matplotlib: drop it
+        if plots:
+            result["notes"].remove(no_plots)
+        else:
+            result["notes"].append(no_plots)
         written[0].write_text(json.dumps(result, indent=2) + "\n")
     markdown = directory / "results.md"
     markdown.write_text(markdown_report(result, [path.name for path in plots]))
@@ -539,9 +543,8 @@ def _plot_latency(result: dict[str, Any], path: Path) -> Path | None:
     workloads = list(result["summary"])
     if not workloads:
         return None
-    figure, axes = plt.subplots(
-        1, len(workloads), figsize=(3.6 * len(workloads), 3.6), squeeze=False
-    )
+    width = max(3.6 * len(workloads), 11.0)  # room for the caption above a single panel
+    figure, axes = plt.subplots(1, len(workloads), figsize=(width, 3.6), squeeze=False)
     positions = list(range(len(contenders)))
     for axis, key in zip(axes.flat, workloads, strict=True):
         values = result["summary"][key]
@@ -555,10 +558,13 @@ def _plot_latency(result: dict[str, Any], path: Path) -> Path | None:
                 alpha=alpha,
                 label=metric.removesuffix("_ms"),
             )
+        for x, name in zip(positions, contenders, strict=True):
+            if name not in values and missing(result, key, name) != "-":
+                axis.annotate("no h2", (x, 0.0), ha="center", va="bottom", fontsize=8)
         axis.set_xticks(positions, contenders)
         axis.set_title(f"{workload_title(key)}\nms (solid p50, light p99)", fontsize=9)
         _style(axis)
-    figure.suptitle(_caption(result, "latency seen by wrk, lower is better"), fontsize=10)
+    figure.suptitle(_caption(result, "latency seen by wrk or h2load, lower is better"), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
