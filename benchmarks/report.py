@@ -201,8 +201,12 @@ def target_rows(result: dict[str, Any]) -> list[list[str]]:
         source = _source(result, target.workload)
         ours = source.get(OURS, {}).get(target.metric)
         if ours is None:
-            why = missing(result, target.workload, OURS)
-            rows.append([target.title, "-", f"not measured (ours: {why})"])
+            why = f"not measured (ours: {missing(result, target.workload, OURS)})"
+            peer = source.get(target.versus or "", {}).get(target.metric)
+            if peer:  # what ours would have needed in this run
+                sign = ">=" if target.at_least else "<="
+                why += f"; in this run: {sign} {number(target.bound * peer)}"
+            rows.append([target.title, "-", why])
             continue
         value, shown = ours, number(ours)
         if target.versus is not None:
@@ -333,7 +337,8 @@ def markdown_report(result: dict[str, Any], plots: Sequence[str]) -> str:
         "",
         f"Machine: {machine['nproc']} cores ({machine['cpu_model']}), {machine['os']}, "
         f"kernel {machine['kernel']}, Python {machine['python']}, uvloop {machine['uvloop']}, "
-        f"{machine['wrk']}; load average at start {machine['loadavg_start'][0]:.2f}, at end "
+        f"{machine['wrk']}{_h2load_version(machine)}; load average at start "
+        f"{machine['loadavg_start'][0]:.2f}, at end "
         f"{machine.get('loadavg_end', [0.0])[0]:.2f}.",
         "",
         _how(result),
@@ -379,6 +384,12 @@ def markdown_report(result: dict[str, Any], plots: Sequence[str]) -> str:
     if result["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _h2load_version(machine: dict[str, Any]) -> str:
+    """ ", h2load nghttp2/1.52.0" when the run had it (older results.json files do not)."""
+    version = machine.get("h2load", "none")
+    return "" if version in ("none", "unknown") else f", {version}"
 
 
 def _judged(result: dict[str, Any]) -> bool:
@@ -498,10 +509,11 @@ def _plot_summary(result: dict[str, Any], path: Path) -> Path | None:
                 0.0 if math.isnan(high) else max(0.0, high - h)
                 for h, (_, high) in zip(heights, ranges, strict=True)
             ]
+            shown = [i for i, name in enumerate(contenders) if values.get(name) is not None]
             axis.errorbar(
-                contenders,
-                heights,
-                yerr=[below, above],
+                [contenders[i] for i in shown],
+                [heights[i] for i in shown],
+                yerr=[[below[i] for i in shown], [above[i] for i in shown]],
                 fmt="none",
                 ecolor="black",
                 elinewidth=0.8,

@@ -59,9 +59,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, help="seconds per run (default 10; quick 1)")
     parser.add_argument("--repeat", type=int, help="runs per contender (default 3; quick 1)")
     parser.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")
-    parser.add_argument(
-        "--h2-connections", type=int, default=H2_CLIENTS, help=f"h2load -c (default {H2_CLIENTS})"
-    )
     parser.add_argument("--idle-connections", type=int, help="default 5000; quick 200; 0 = skip")
     parser.add_argument("--target", metavar="URL", help="load-test a running deployment")
     parser.add_argument("--target-pid", type=int, help="with --target: its pid, for CPU/RSS")
@@ -193,7 +190,7 @@ class Suite:
                 "repeat": args.repeat,
                 "connections": args.connections,
                 "wrk_threads": 1,
-                "h2_connections": args.h2_connections,
+                "h2_connections": H2_CLIENTS,
                 "h2_streams": H2_STREAMS,
                 "idle_connections": args.idle_connections,
                 "proxy_core": self.proxy_core,
@@ -331,7 +328,6 @@ class Suite:
             duration=duration,
             core=self.load_core,
             log=self.scratch / "h2load.log",
-            clients=self.args.h2_connections,
         )
 
     def _url(self, running: cont.Running, path: str = "/") -> str:
@@ -340,7 +336,10 @@ class Suite:
     def _measure_all(self, workloads: list[Usable]) -> None:
         """Repeat x workload x contender, contenders alternating (A B A B) so drift in the
         machine's load spreads over all of them instead of favouring one."""
-        total = self.args.repeat * len(workloads) * len(self.running)
+        per_repeat = sum(
+            1 for w, _s, _p in workloads for r in self.running.values() if r.h2 or not w.h2
+        )
+        total = self.args.repeat * per_repeat
         print(f"{total} runs of {self.args.duration} s ...", flush=True)
         for repeat in range(1, self.args.repeat + 1):
             for workload, script, preload in workloads:
@@ -496,7 +495,6 @@ class Suite:
                         duration=self.args.duration,
                         core=None,
                         log=self.scratch / "h2load.log",
-                        clients=self.args.h2_connections,
                     )
                 else:
                     result = run_wrk(

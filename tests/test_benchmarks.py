@@ -231,8 +231,11 @@ def test_tables_say_no_h2_flag_errors_and_judge_the_targets() -> None:
     detail = detail_table(result, "h2", ["tlsproxy", "nginx", "caddy"])
     assert detail[1][:2] == ["tlsproxy", "no h2 (ALPN chose http/1.1)"]
     assert detail[2][-1] == "36,000 (35,000-37,000)"
-    verdicts = {row[0]: row[2] for row in target_rows(result)[1:]}
-    assert set(verdicts.values()) == {"not measured (ours: no h2)"}
+    verdicts = [row[2] for row in target_rows(result)[1:]]
+    assert verdicts == [
+        "not measured (ours: no h2); in this run: >= 9,300",  # 1.5x Caddy's median
+        "not measured (ours: no h2)",
+    ]
     runs += [run("tlsproxy", 1, 9_600.0), run("tlsproxy", 2, 9_000.0)]
     result["summary"]["h2"]["tlsproxy"] = {"req_per_cpu_s": 9_300.0}
     result["idle_h2"]["tlsproxy"] = {"kib_per_conn": 50.0}
