@@ -393,8 +393,8 @@ def _h2load_version(machine: dict[str, Any]) -> str:
 
 
 def _judged(result: dict[str, Any]) -> bool:
-    """Whether any target's workload was part of this run."""
-    return any(
+    """Whether any target's workload was part of this run (never for --target: no ours)."""
+    return result.get("mode") != "target" and any(
         _source(result, target.workload) or (target.workload in settings_workloads(result))
         for target in TARGETS
     )
