@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import tools
+from benchmarks import h2client, tools
 from benchmarks.certs import CertFiles
 from benchmarks.procs import Processes, Started, free_port, wait_for_port
 
@@ -53,11 +53,19 @@ class Launch:
 
 @dataclass
 class Running:
-    """A started contender, checked to answer through TLS."""
+    """A started contender, checked to answer through TLS; ``alpn`` is what it picks when
+    offered ``h2, http/1.1``, and ``no_h2`` why it cannot be measured over HTTP/2 ("" when
+    it can: ALPN chose h2 and a GET over h2 brought the upstream's body)."""
 
     launch: Launch
     started: Started
     tls: str
+    alpn: str = ""
+    no_h2: str = ""
+
+    @property
+    def h2(self) -> bool:
+        return self.alpn == "h2" and not self.no_h2
 
     @property
     def name(self) -> str:
@@ -239,7 +247,28 @@ def start(procs: Processes, launch: Launch, core: int | None, ca: Path | None) -
     except (RuntimeError, OSError, ssl.SSLError) as error:
         procs.stop(started)
         raise Unavailable(f"{launch.name} did not start: {error}\n{started.log_tail()}") from None
-    return Running(launch, started, tls)
+    running = Running(launch, started, tls)
+    if ca is not None:
+        running.alpn, running.no_h2 = h2_support(launch.port, ca)
+    return running
+
+
+def h2_support(port: int, ca: Path) -> tuple[str, str]:
+    """(ALPN chosen when offered ``h2, http/1.1``, why h2 is out: "" when a GET over h2
+    brought the upstream's body)."""
+    try:
+        alpn = h2client.negotiate(port, str(ca))
+    except (OSError, ssl.SSLError) as error:
+        return "?", f"no h2: ALPN check failed ({error})"
+    if alpn != "h2":
+        return alpn, f"no h2 (ALPN chose {'nothing' if alpn == 'none' else alpn})"
+    try:
+        body = h2client.fetch(port, str(ca))
+    except (OSError, ssl.SSLError, TimeoutError, EOFError, h2client.H2Error) as error:
+        return alpn, f"no h2: a GET over h2 failed ({type(error).__name__}: {error})"
+    if body != SMALL_BODY:
+        return alpn, f"no h2: a GET over h2 answered {body[:60]!r}"
+    return alpn, ""
 
 
 def probe(port: int, ca: Path, timeout: float = 15.0) -> str:

@@ -1,5 +1,6 @@
 """Idle-connection memory: open N TLS connections, make one request on each so every
-connection holds its post-request state, then measure how much the proxy's RSS grew."""
+connection holds its post-request state, then measure how much the proxy's RSS grew.
+With ``http2``, each connection negotiates h2 by ALPN and its one request is an h2 stream."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from benchmarks import h2client
 from benchmarks.procs import process_tree, rss_bytes
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -18,14 +20,23 @@ OPENING_CONCURRENCY = 64
 
 
 def idle_memory(
-    pid: int, port: int, count: int, ca: Path, *, host: str = "localhost", timeout: float = 120.0
+    pid: int,
+    port: int,
+    count: int,
+    ca: Path,
+    *,
+    host: str = "localhost",
+    timeout: float = 120.0,
+    http2: bool = False,
 ) -> dict[str, float]:
-    """RSS growth of ``pid``'s process tree per idle TLS connection, in KiB."""
+    """RSS growth of ``pid``'s process tree per idle TLS (or h2) connection, in KiB."""
     pids = process_tree(pid)
     context = ssl.create_default_context(cafile=str(ca))
+    if http2:
+        context.set_alpn_protocols(h2client.ALPN_OFFER)
     before = rss_bytes(pids)
     start = time.monotonic()
-    opened, after = _run(_hold_idle(port, host, count, context, pids, timeout))
+    opened, after = _run(_hold_idle(port, host, count, context, pids, timeout, http2))
     growth = after - before
     return {
         "asked": float(count),
@@ -55,9 +66,11 @@ async def _hold_idle(
     context: ssl.SSLContext,
     pids: list[int],
     within: float,
+    http2: bool = False,
 ) -> tuple[int, int]:
     """Open up to ``count`` connections within ``within`` seconds, let the proxy settle, read RSS,
-    close them all; returns (connections opened, RSS while they were open)."""
+    close them all; returns (connections opened, RSS while they were open). Over h2, a
+    connection where ALPN did not pick h2 or whose stream did not end is not counted."""
     writers: list[asyncio.StreamWriter] = []
     gate = asyncio.Semaphore(OPENING_CONCURRENCY)
 
@@ -67,6 +80,12 @@ async def _hold_idle(
                 "127.0.0.1", port, ssl=context, server_hostname=host, ssl_handshake_timeout=30
             )
             writers.append(writer)
+            if http2:
+                chosen = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+                if chosen != "h2":
+                    raise h2client.H2Error(f"ALPN chose {chosen or 'nothing'}")
+                await h2client.get(reader, writer, host)
+                return
             writer.write(REQUEST)
             head = await reader.readuntil(b"\r\n\r\n")
             await reader.readexactly(_content_length(head))

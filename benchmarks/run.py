@@ -1,8 +1,8 @@
 """The one command: ``python -m benchmarks.run [--quick] [--peers ...] [--target URL]``.
 
 Starts a native upstream and each contender pinned to its own core, drives every workload
-with wrk, alternating the contenders, measures the proxy's CPU and memory from /proc, and
-writes results.json, results.md and plots. See benchmarks/README.md.
+with wrk (h2load for HTTP/2), alternating the contenders, measures the proxy's CPU and memory
+from /proc, and writes results.json, results.md and plots. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -28,12 +28,26 @@ from benchmarks import contenders as cont
 from benchmarks import tools
 from benchmarks.certs import make_certificates
 from benchmarks.idle import idle_memory
-from benchmarks.load import BY_KEY, Workload, add_cpu, lua_script, metrics, run_wrk
+from benchmarks.load import (
+    BY_KEY,
+    H2_CLIENTS,
+    H2_STREAMS,
+    H2LoadResult,
+    NoH2,
+    Workload,
+    WrkResult,
+    add_cpu,
+    lua_script,
+    metrics,
+    run_h2load,
+    run_wrk,
+)
 from benchmarks.procs import PeakRSS, Processes, cores, cpu_seconds, free_port
 from benchmarks.report import console_report, summarize, write_outputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXIT_UNAVAILABLE = 3  # a tool the suite cannot run without (wrk, nginx) could not be had
+Usable = tuple[Workload, Path | None, Path | None]  # workload, wrk script, LD_PRELOAD shim
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -72,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.workload_list = [BY_KEY[key] for key in args.workloads.split(",")]
     if args.target and any(w.method != "GET" or w.path != "/" for w in args.workload_list):
         if args.workloads != ",".join(BY_KEY):
-            parser.error("--target runs GET workloads only: keepalive, close, handshake")
+            parser.error("--target runs GET workloads only: keepalive, close, handshake, h2")
         args.workload_list = [BY_KEY["keepalive"]]
     return args
 
@@ -176,6 +190,8 @@ class Suite:
                 "repeat": args.repeat,
                 "connections": args.connections,
                 "wrk_threads": 1,
+                "h2_connections": H2_CLIENTS,
+                "h2_streams": H2_STREAMS,
                 "idle_connections": args.idle_connections,
                 "proxy_core": self.proxy_core,
                 "load_core": self.load_core,
@@ -187,6 +203,8 @@ class Suite:
             "runs": self.runs,
             "summary": {},
             "idle": {},
+            "idle_h2": {},
+            "no_h2": {},
             "notes": self.notes,
         }
 
@@ -199,7 +217,7 @@ class Suite:
         for name in self.args.contenders:
             self._start_contender(name, setup)
         workloads = self._usable_workloads()
-        self._warm_up()
+        self._warm_up(workloads)
         self._measure_all(workloads)
         if self.args.idle_connections > 0:
             self._measure_idle(setup)
@@ -241,13 +259,29 @@ class Suite:
             "version": launch.version,
             "command": shlex.join(launch.argv),
             "tls": running.tls,
+            "alpn": running.alpn,
         }
-        print(f"started {launch.version} on 127.0.0.1:{launch.port} ({running.tls})", flush=True)
+        if running.no_h2 and self._wants_h2:
+            self.result["no_h2"][name] = running.no_h2
+        print(
+            f"started {launch.version} on 127.0.0.1:{launch.port} ({running.tls}; "
+            f"offered h2, http/1.1: {running.no_h2 or 'h2'})",
+            flush=True,
+        )
 
-    def _usable_workloads(self) -> list[tuple[Workload, Path, Path | None]]:
-        """Each workload with its wrk script and, for full handshakes, the shim to preload."""
-        usable = []
+    @property
+    def _wants_h2(self) -> bool:
+        return any(workload.h2 for workload in self.args.workload_list)
+
+    def _usable_workloads(self) -> list[Usable]:
+        """Each workload with its wrk script and, for full handshakes, the shim to preload;
+        HTTP/2 needs h2load and a contender that negotiates h2 (in --quick: ours)."""
+        usable: list[Usable] = []
         for workload in self.args.workload_list:
+            if workload.h2:
+                if self._h2_usable():
+                    usable.append((workload, None, None))
+                continue
             preload = None
             if workload.full_handshake:
                 preload = tools.nosession_shim(self.installer)
@@ -259,25 +293,53 @@ class Suite:
             usable.append((workload, lua_script(workload, self.scratch), preload))
         return usable
 
-    def _warm_up(self) -> None:
-        """A short keep-alive run per contender: pools, caches and allocators filled."""
+    def _h2_usable(self) -> bool:
+        """Whether the h2 workload can run: some contender speaks h2, and h2load is here."""
+        if not any(running.h2 for running in self.running.values()):
+            why = "; ".join(f"{name}: {r.no_h2}" for name, r in self.running.items())
+            self.notes.append(f"h2 skipped: no contender negotiates h2 ({why})")
+            return False
+        if self.installer.find("h2load") is None:
+            self.notes.append("h2 skipped: h2load is not installed (Debian package nghttp2-client)")
+            return False
+        return True
+
+    def _warm_up(self, workloads: list[Usable]) -> None:
+        """A short keep-alive run per contender (and h2 run, when h2 is measured): pools,
+        caches and allocators filled."""
         script = lua_script(BY_KEY["keepalive"], self.scratch)
+        duration = 1 if self.args.quick else 2
+        h2 = any(workload.h2 for workload, _script, _preload in workloads)
         for running in self.running.values():
             run_wrk(
                 self._url(running),
                 script,
-                duration=1 if self.args.quick else 2,
+                duration=duration,
                 connections=self.args.connections,
                 core=self.load_core,
             )
+            if h2 and running.h2:
+                with contextlib.suppress(RuntimeError, OSError):
+                    self._h2load(running, duration)
+
+    def _h2load(self, running: cont.Running, duration: int) -> H2LoadResult:
+        return run_h2load(
+            self._url(running),
+            duration=duration,
+            core=self.load_core,
+            log=self.scratch / "h2load.log",
+        )
 
     def _url(self, running: cont.Running, path: str = "/") -> str:
         return f"https://localhost:{running.launch.port}{path}"
 
-    def _measure_all(self, workloads: list[tuple[Workload, Path, Path | None]]) -> None:
+    def _measure_all(self, workloads: list[Usable]) -> None:
         """Repeat x workload x contender, contenders alternating (A B A B) so drift in the
         machine's load spreads over all of them instead of favouring one."""
-        total = self.args.repeat * len(workloads) * len(self.running)
+        per_repeat = sum(
+            1 for w, _s, _p in workloads for r in self.running.values() if r.h2 or not w.h2
+        )
+        total = self.args.repeat * per_repeat
         print(f"{total} runs of {self.args.duration} s ...", flush=True)
         for repeat in range(1, self.args.repeat + 1):
             for workload, script, preload in workloads:
@@ -288,25 +350,39 @@ class Suite:
         self,
         repeat: int,
         workload: Workload,
-        script: Path,
+        script: Path | None,
         preload: Path | None,
         name: str,
         running: cont.Running,
     ) -> None:
-        """One wrk run against one contender, with the proxy's CPU time and peak RSS."""
+        """One wrk (or h2load) run against one contender, with the proxy's CPU time and peak
+        RSS; a contender that does not negotiate h2 is not measured with the h2 workload."""
         if running.started.process.poll() is not None:
             return
+        if workload.h2 and not running.h2:
+            return
         before = cpu_seconds(running.pid)
+        result: WrkResult
         with PeakRSS(running.pid) as rss:
             try:
-                result = run_wrk(
-                    self._url(running, workload.path),
-                    script,
-                    duration=self.args.duration,
-                    connections=self.args.connections,
-                    core=self.load_core,
-                    preload=preload,
-                )
+                if workload.h2:
+                    result = self._h2load(running, self.args.duration)
+                else:
+                    assert script is not None
+                    result = run_wrk(
+                        self._url(running, workload.path),
+                        script,
+                        duration=self.args.duration,
+                        connections=self.args.connections,
+                        core=self.load_core,
+                        preload=preload,
+                    )
+            except NoH2 as error:  # ALPN picked h2 for our probe, yet not for h2load
+                running.no_h2 = str(error)
+                self.result["no_h2"][name] = str(error)
+                self.notes.append(f"{name} {workload.key} repeat {repeat}: h2load got {error}")
+                print(f"  {workload.key:9} {name:10} {error}", flush=True)
+                return
             except (RuntimeError, OSError) as error:
                 self.notes.append(f"{name} {workload.key} repeat {repeat}: {error}")
                 print(f"  {workload.key:9} {name:10} failed: {error}", flush=True)
@@ -314,15 +390,16 @@ class Suite:
                 return
         values = metrics(result, workload)
         add_cpu(values, cpu_seconds(running.pid) - before, rss.peak)
-        self.runs.append(
-            {
-                "contender": name,
-                "workload": workload.key,
-                "repeat": repeat,
-                "loadavg_1m": os.getloadavg()[0],
-                "metrics": values,
-            }
-        )
+        run: dict[str, Any] = {
+            "contender": name,
+            "workload": workload.key,
+            "repeat": repeat,
+            "loadavg_1m": os.getloadavg()[0],
+            "metrics": values,
+        }
+        if isinstance(result, H2LoadResult):
+            run["protocol"], run["tls"] = result.protocol, result.tls
+        self.runs.append(run)
         print(
             f"  [{repeat}/{self.args.repeat}] {workload.key:9} {name:10} "
             f"{values['rps']:9,.0f} req/s  p99 {values['p99_ms']:7.2f} ms  "
@@ -343,19 +420,28 @@ class Suite:
 
     def _measure_idle(self, setup: cont.Setup) -> None:
         """RSS growth per idle TLS connection, each contender in turn, each restarted first:
-        memory a process freed after the 1 MiB runs would otherwise hide the growth."""
+        memory a process freed after the 1 MiB runs would otherwise hide the growth. With
+        the h2 workload selected, the same again over HTTP/2 for each contender speaking h2."""
         count = self.args.idle_connections
         for name in list(self.running):
-            running = self._restart(name, setup)
-            values = idle_memory(running.pid, running.launch.port, count, setup.certs.ca)
-            self.result["idle"][name] = values
-            print(
-                f"  idle      {name:10} {values['opened']:.0f} connections, "
-                f"{values['kib_per_conn']:.1f} KiB each",
-                flush=True,
-            )
-            if values["opened"] < count:
-                self.notes.append(f"{name}: only {values['opened']:.0f} of {count} idle opened")
+            kinds = [("idle", False)]
+            if self._wants_h2 and self.running[name].h2:
+                kinds.append(("idle_h2", True))
+            for key, http2 in kinds:
+                running = self._restart(name, setup)
+                values = idle_memory(
+                    running.pid, running.launch.port, count, setup.certs.ca, http2=http2
+                )
+                self.result[key][name] = values
+                print(
+                    f"  {key:9} {name:10} {values['opened']:.0f} connections, "
+                    f"{values['kib_per_conn']:.1f} KiB each",
+                    flush=True,
+                )
+                if values["opened"] < count:
+                    self.notes.append(
+                        f"{name}: only {values['opened']:.0f} of {count} {key} connections opened"
+                    )
 
     def _restart(self, name: str, setup: cont.Setup) -> cont.Running:
         """Stop a contender and start it again on the same port, warmed up briefly."""
@@ -395,20 +481,30 @@ class Suite:
         self.result["contenders"][name] = {"version": url, "command": "", "tls": ""}
         self.result["settings"]["target"] = url
         for workload in self.args.workload_list:
+            if workload.h2 and self.installer.find("h2load") is None:
+                raise RuntimeError("h2load is needed for h2 (apt-get install nghttp2-client)")
             preload = tools.nosession_shim(self.installer) if workload.full_handshake else None
             script = lua_script(workload, self.scratch)
             pid = self.args.target_pid
             before = cpu_seconds(pid) if pid else 0.0
             sampler = PeakRSS(pid) if pid else None
             with sampler or contextlib.nullcontext():
-                result = run_wrk(
-                    url,
-                    script,
-                    duration=self.args.duration,
-                    connections=self.args.connections,
-                    core=None,
-                    preload=preload,
-                )
+                if workload.h2:  # NoH2 (a RuntimeError) when the target does not pick h2
+                    result: WrkResult = run_h2load(
+                        url,
+                        duration=self.args.duration,
+                        core=None,
+                        log=self.scratch / "h2load.log",
+                    )
+                else:
+                    result = run_wrk(
+                        url,
+                        script,
+                        duration=self.args.duration,
+                        connections=self.args.connections,
+                        core=None,
+                        preload=preload,
+                    )
             values = metrics(result, workload)
             if pid and sampler:
                 add_cpu(values, cpu_seconds(pid) - before, sampler.peak)

@@ -21,6 +21,7 @@ MITMPROXY_SPEC = "mitmproxy>=11,<12"
 # command -> Debian package that provides it
 PACKAGES = {
     "wrk": "wrk",
+    "h2load": "nghttp2-client",
     "nginx": "nginx",
     "haproxy": "haproxy",
     "caddy": "caddy",
@@ -128,6 +129,7 @@ def machine() -> dict[str, object]:
         "h11": _dist_version("h11"),
         "openssl_python": ssl.OPENSSL_VERSION,
         "wrk": version_of(["wrk", "--version"]).split(" [")[0],
+        "h2load": version_of(["h2load", "--version"]) if shutil.which("h2load") else "none",
         "loadavg_start": list(os.getloadavg()),
     }
 
