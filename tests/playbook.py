@@ -133,9 +133,6 @@ class Downstream:
     def upgrade(self, exchange: Exchange, link: UpstreamLink, rest: bytes) -> None:
         self.actions.append(("client.upgrade", rest))
 
-    def flush(self) -> None:
-        self.actions.append(("client.flush",))
-
 
 class Context:
     """What the exchanges share: settings, a real router over ``upstreams``, the pool."""

@@ -27,7 +27,6 @@ def test_a_get_on_a_pooled_connection_goes_up_and_its_response_comes_back() -> N
         ("pool.take", 8000, True),
         ("link.attach", 8000, False),
         ("link.send_request", b"GET / HTTP/1.1"),
-        ("link.send_end",),
     ]
     play.exchange.response_head(200, b"OK", b"1.1", ok())
     play.exchange.response_body(b"ok")
@@ -55,7 +54,6 @@ def test_a_new_connection_pauses_the_client_until_it_is_open() -> None:
     assert play.take() == [
         ("link.attach", 8000, False),
         ("link.send_request", b"GET / HTTP/1.1"),
-        ("link.send_end",),
         ("client.resume_request",),
     ]
 
@@ -74,7 +72,6 @@ def test_a_body_that_arrives_before_the_connection_goes_after_the_head_in_order(
         ("link.send_request", b"POST /upload HTTP/1.1"),
         ("link.send_body", b"abc"),
         ("link.send_body", b"def"),
-        ("link.send_end",),
         ("client.resume_request",),
     ]
 
@@ -130,7 +127,6 @@ def test_100_continue_passes_and_the_body_follows() -> None:
     assert play.take() == [
         ("client.interim", 100),
         ("link.send_body", b"hi"),
-        ("link.send_end",),
         ("client.respond", 200),
         ("pool.release", True),
         ("client.end",),
@@ -356,3 +352,12 @@ def test_more_body_than_content_length_is_refused() -> None:
     with pytest.raises(HTTPError) as refused:
         play.exchange.request_body(b"four")
     assert refused.value.malformed
+
+
+def test_a_body_of_unknown_length_ends_explicitly_upstream() -> None:
+    play = Playbook(pooled=True)
+    play.exchange.start()
+    play.exchange.request_head(head(b"/up", b"POST", [(b"Transfer-Encoding", b"chunked")]))
+    play.exchange.request_body(b"abc")
+    play.exchange.request_end()
+    assert play.take()[-2:] == [("link.send_body", b"abc"), ("link.send_end",)]

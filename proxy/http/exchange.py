@@ -52,7 +52,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from proxy import metrics
 from proxy.config import ServerConfig, Upstream
-from proxy.http.message import NO_BODY, UNTIL_CLOSE, HTTPError, Request, RequestHead, Response
+from proxy.http.message import (
+    CHUNKED,
+    NO_BODY,
+    UNTIL_CLOSE,
+    HTTPError,
+    Request,
+    RequestHead,
+    Response,
+)
 from proxy.http.policy import Peer, check_request, check_response
 from proxy.tls.policy import sni_matches_host
 
@@ -83,6 +91,7 @@ _CONNECTING = 1  # no upstream connection yet: the body would only pile up
 _UPSTREAM_FULL = 2  # the upstream's write buffer is above its high-water mark
 _BUFFER_FULL = 4  # MAX_BUFFERED bytes of body wait for an upstream connection
 
+_NONE_TRIED: frozenset[Upstream] = frozenset()
 MAX_BUFFERED = 256 * 1024  # request body bytes held while no upstream connection takes them
 NEVER = float("inf")
 # Methods a proxy may send again on its own (RFC 9110 9.2.2): no effect beyond the first.
@@ -145,10 +154,6 @@ class Downstream(Protocol):
     def resume_request(self, exchange: Exchange) -> None: ...
 
     def upgrade(self, exchange: Exchange, link: UpstreamLink, rest: bytes) -> None: ...
-
-    def flush(self) -> None:
-        """What one read from the upstream produced is all there: send it (HTTP/2 holds
-        its DATA until then, to send a small body and its end in one frame)."""
 
 
 class UpstreamLink(Protocol):
@@ -226,8 +231,16 @@ class Exchange:
     )
 
     def __init__(
-        self, context: Context, downstream: Downstream, client: ClientInfo, now: float
+        self,
+        context: Context,
+        downstream: Downstream,
+        client: ClientInfo,
+        now: float,
+        *,
+        started: bool = False,
     ) -> None:
+        """``started``: its turn has come already (see :meth:`start`), which is so for the
+        first request on an HTTP/1.1 connection."""
         self.context = context
         self.downstream = downstream
         self.client = client
@@ -240,19 +253,24 @@ class Exchange:
         self.request: Request | None = None
         self.route: Route | None = None
         self.link: UpstreamLink | None = None
-        self.buffered: list[bytes] = []  # body chunks waiting for an upstream connection
+        self.buffered: list[bytes] | None = None  # body chunks waiting for an upstream
         self.buffered_bytes = 0
         self.body_bytes = 0
         self.response: Response | None = None
         self.status = 0
         self.sent = 0
         self.error: HTTPError | None = None
-        self.tried: frozenset[Upstream] = frozenset()
+        self.tried: frozenset[Upstream] = _NONE_TRIED
         self.dispatched = 0.0
         self.paused = 0
         self.stalled_since = 0.0  # when the client stopped taking the response (0: it takes)
-        self.deadline = NEVER
-        self.deadline_kind = NO_DEADLINE
+        if started:
+            self.state = STARTED
+            self.deadline = now + context.settings.request_head_timeout
+            self.deadline_kind = HEAD_TIMEOUT
+        else:
+            self.deadline = NEVER
+            self.deadline_kind = NO_DEADLINE
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} {self.target.decode()} {STATES[self.state]}>"
@@ -311,7 +329,10 @@ class Exchange:
         if link is not None:
             link.send_body(data)
         else:  # no upstream connection yet (connecting, or not our turn): hold it, bounded
-            self.buffered.append(data)
+            if self.buffered is None:
+                self.buffered = [data]
+            else:
+                self.buffered.append(data)
             self.buffered_bytes += len(data)
             if self.buffered_bytes > MAX_BUFFERED:
                 self._pause(_BUFFER_FULL)
@@ -326,10 +347,12 @@ class Exchange:
             raise HTTPError(400, "less body than Content-Length", malformed=True)
         self.request_state = DONE
         link = self.link
-        if link is not None:
+        if link is not None and request.framing == CHUNKED:  # else the length says it
             link.send_end()
-        if self.state == SENT:
-            self._deadline(UPSTREAM_TIMEOUT, self.context.settings.upstream_timeout)
+        if self.state == SENT and self.deadline_kind != UPSTREAM_TIMEOUT:  # was the body's
+            context = self.context
+            self.deadline_kind = UPSTREAM_TIMEOUT
+            self.deadline = context.loop.time() + context.settings.upstream_timeout
 
     def refuse(self, error: HTTPError) -> None:
         """The request is refused (its syntax or the policy): nothing of it goes upstream;
@@ -378,12 +401,14 @@ class Exchange:
         if self.buffered:
             for chunk in self.buffered:
                 link.send_body(chunk)
-            self.buffered = []
+            self.buffered = None
             self.buffered_bytes = 0
         if self.request_state == DONE:
-            link.send_end()
+            if request.framing == CHUNKED:  # a body of unknown length ends explicitly
+                link.send_end()
             self._deadline(UPSTREAM_TIMEOUT, self.context.settings.upstream_timeout)
-        self._resume(_CONNECTING | _BUFFER_FULL)
+        if self.paused:
+            self._resume(_CONNECTING | _BUFFER_FULL)
 
     def connect_failed(self, upstream: Upstream, timed_out: bool, why: str) -> None:
         """Connecting to ``upstream`` failed: try the site's next upstream, or answer."""
@@ -430,7 +455,9 @@ class Exchange:
             interim = check_response(status, reason, version, headers, head_request=False)
             self.downstream.respond_interim(interim)
             return
-        metrics.upstream_response(route.name, self.context.loop.time() - self.dispatched)
+        context = self.context
+        now = context.loop.time()
+        metrics.UPSTREAM_SECONDS.observe(now - self.dispatched, route.key)
         if status == 101 and not request.websocket:
             raise HTTPError(502, "upstream switched protocols without being asked to")
         response = check_response(
@@ -439,7 +466,8 @@ class Exchange:
         self.response = response
         self.status = status
         self.state = RESPONDING
-        self._deadline(UPSTREAM_TIMEOUT, self.context.settings.upstream_timeout)
+        self.deadline_kind = UPSTREAM_TIMEOUT
+        self.deadline = now + context.settings.upstream_timeout
         self.downstream.respond(self, response)
 
     def response_body(self, data: bytes) -> None:
@@ -462,10 +490,6 @@ class Exchange:
             self.context.pool.release(link, reusable)
         self._log(link.upstream if link is not None else None)
         self.downstream.respond_end(self)
-
-    def upstream_read_done(self) -> None:
-        """One read from the upstream has been handled."""
-        self.downstream.flush()
 
     def switched(self, rest: bytes) -> None:
         """The upstream answered a WebSocket handshake with 101; ``rest`` followed it."""
@@ -554,11 +578,13 @@ class Exchange:
         assert route is not None
         context = self.context
         self.state = CONNECTING
-        self.dispatched = context.loop.time()
+        self.dispatched = now = context.loop.time()
         if self.request_state == BODY and self.request is not None and self.request.framing:
-            self._deadline(BODY_TIMEOUT, context.settings.request_body_timeout)
+            self.deadline_kind = BODY_TIMEOUT
+            self.deadline = now + context.settings.request_body_timeout
         else:
-            self._deadline(UPSTREAM_TIMEOUT, context.settings.upstream_timeout)
+            self.deadline_kind = UPSTREAM_TIMEOUT
+            self.deadline = now + context.settings.upstream_timeout
         upstream = route.balancer.pick()
         assert upstream is not None
         link = context.pool.take(upstream)

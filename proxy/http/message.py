@@ -111,21 +111,15 @@ class Request:
 
 class Forwarding:
     """The forwarding fields one hop adds (``X-Forwarded-*``, ``Forwarded``), with their
-    HTTP/1.1 serialisation made once: a keep-alive client asks for the same ones again and
-    again, so :class:`proxy.http.policy.Peer` keeps them per ``Host``."""
+    HTTP/1.1 lines made once: a keep-alive client asks for the same ones again and again,
+    so :class:`proxy.http.policy.Peer` keeps them per ``Host``. (Every upstream speaks
+    HTTP/1.1; were one to speak HTTP/2, ``fields`` is what it would encode.)"""
 
-    __slots__ = ("_h1", "fields")
+    __slots__ = ("fields", "h1")
 
     def __init__(self, fields: tuple[tuple[bytes, bytes], ...]) -> None:
         self.fields = fields
-        self._h1: bytes | None = None
-
-    @property
-    def h1(self) -> bytes:
-        lines = self._h1
-        if lines is None:
-            lines = self._h1 = b"".join([b"%s: %s\r\n" % field for field in self.fields])
-        return lines
+        self.h1 = b"".join([b"%s: %s\r\n" % field for field in fields])
 
 
 class Response:

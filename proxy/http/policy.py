@@ -63,6 +63,7 @@ FORWARDING = frozenset(
 _REQUEST_SPECIAL = HOP_BY_HOP | FORWARDING | {b"host", b"content-length", b"expect"}
 _RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length", b"strict-transport-security"}
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_KEEP_ALIVE = [b"keep-alive"]
 _EXPECT_CONTINUE = (b"expect", b"100-continue")
 _WEBSOCKET = ((b"connection", b"upgrade"), (b"upgrade", b"websocket"))
 _CHUNKED = (b"transfer-encoding", b"chunked")
@@ -86,7 +87,7 @@ class Peer:
     and again.
     """
 
-    __slots__ = ("_forwarding", "forwarded_for", "ip", "port", "trusted")
+    __slots__ = ("forwarded_for", "ip", "known", "port", "trusted")
 
     _LIMIT = 64
 
@@ -95,7 +96,7 @@ class Peer:
         self.trusted = trusted
         self.port = port  # the listener port the client connected to, for X-Forwarded-Port
         self.forwarded_for = forwarded_for  # the RFC 7239 "for=" value for ``ip``
-        self._forwarding: dict[bytes, Forwarding] = {}
+        self.known: dict[bytes, Forwarding] = {}  # forwarding fields per Host, made before
 
     @classmethod
     def from_address(
@@ -114,12 +115,12 @@ class Peer:
 
     def forwarding(self, host: bytes) -> Forwarding:
         """The forwarding fields for a request to ``host`` that brought none."""
-        found = self._forwarding.get(host)
+        found = self.known.get(host)
         if found is None:
-            if len(self._forwarding) >= self._LIMIT:
-                self._forwarding.clear()
+            if len(self.known) >= self._LIMIT:
+                self.known.clear()
             ip = self.ip.encode()
-            found = self._forwarding[host] = Forwarding(
+            found = self.known[host] = Forwarding(
                 (
                     (b"x-forwarded-for", ip),
                     (b"x-forwarded-proto", b"https"),
@@ -134,6 +135,13 @@ class Peer:
     def element(self, host: bytes) -> bytes:
         """This hop's RFC 7239 ``Forwarded`` element."""
         return b"for=" + self.forwarded_for + b";host=" + _quote(host) + b";proto=https"
+
+
+_COMMON_TOKENS = {  # the usual values, as _tokens would return them (copied: callers extend)
+    b"keep-alive": (b"keep-alive",),
+    b"close": (b"close",),
+    b"chunked": (b"chunked",),
+}
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -251,7 +259,10 @@ def check_request(head: RequestHead, peer: Peer) -> Request:
             fields += _WEBSOCKET
         elif b"h2c" in _tokens(upgrade):
             raise HTTPError(400, "Upgrade: h2c is not supported")
-    forwarding = _forwarding(peer, host, received) if received else peer.forwarding(host)
+    if received:
+        forwarding = _forwarding(peer, host, received)
+    else:
+        forwarding = peer.known.get(host) or peer.forwarding(host)
     return Request(
         method, host, target, version, framing, length, keep_alive, websocket, fields, forwarding
     )
@@ -329,21 +340,25 @@ def check_response(
         elif lname == b"transfer-encoding":
             codings += _tokens(value) or [b""]
         elif lname == b"connection":
-            connection += _tokens(value)
+            common = _COMMON_TOKENS.get(value)
+            connection += common if common is not None else _tokens(value)
         elif lname == b"strict-transport-security":
             hsts = None  # the upstream's own policy wins
             fields.append(field)
         elif status == 101 and lname == b"upgrade":
             fields.append(field)
-    if lengths and (lengths > 1 or not _is_length(length_value)):
+    if lengths and (lengths > 1 or not length_value.isdigit() or len(length_value) > _MAX_DIGITS):
         raise HTTPError(502, "upstream sent an invalid or repeated Content-Length")
     if codings and (lengths or codings != [b"chunked"]):
         raise HTTPError(502, "upstream sent a Transfer-Encoding the proxy cannot frame")
     keep_alive = version == b"1.1"
     if connection:
-        keep_alive, named = _connection_rules(keep_alive, connection)
-        if named:
-            fields = _without(fields, named)
+        if connection == _KEEP_ALIVE:  # nginx and uvicorn say so on every response
+            keep_alive = True
+        else:
+            keep_alive, named = _connection_rules(keep_alive, connection)
+            if named:
+                fields = _without(fields, named)
     if head_request or status < 200 or status == 204 or status == 304:
         framing = NO_BODY
     elif codings:

@@ -17,6 +17,7 @@ class Route:
     balancer: Balancer
     hsts: tuple[bytes, bytes] | None  # the site's Strict-Transport-Security field, if any
     name: str  # the site's name for logs and metrics (``Site.name``, looked up once)
+    key: tuple[str]  # ``(name,)``: the metrics' label tuple, made once
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +47,10 @@ class Router:
         self._cache: dict[bytes, SiteRoutes | None] = {}
         for site in sites:
             hsts = (b"strict-transport-security", site.hsts.encode()) if site.hsts else None
-            fallback = Route(site, Balancer(site.upstreams, pool), hsts, site.name)
+            key = (site.name,)
+            fallback = Route(site, Balancer(site.upstreams, pool), hsts, site.name, key)
             prefixes = tuple(
-                (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts, site.name))
+                (r.path.encode(), Route(site, Balancer(r.upstreams, pool), hsts, site.name, key))
                 for r in sorted(site.routes, key=lambda r: len(r.path), reverse=True)
             )
             routes = SiteRoutes(prefixes, fallback)

@@ -136,8 +136,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if rest is not None:
             exchange.switched(rest)
-        else:
-            exchange.upstream_read_done()
 
     def eof_received(self) -> bool:
         exchange, self.exchange = self.exchange, None
@@ -237,10 +235,11 @@ class UpstreamPool:
     def release(self, link: UpstreamLink, reusable: bool) -> None:
         """Pool the connection when its last exchange ended cleanly on both sides, else close
         it (``link`` is one of this pool's connections: no other kind exists)."""
-        conn = cast(UpstreamConnection, link)
+        conn: UpstreamConnection = link  # type: ignore[assignment]
         conn.exchange = None
         conn.reader.handler = _NOBODY
-        conn.resume_reading()
+        if conn.reading_paused:
+            conn.resume_reading()
         transport = conn.transport
         idle = self._idle.setdefault(conn.upstream, [])
         if (

@@ -65,8 +65,8 @@ class WriteBatch:
         """Send everything waiting, one write per transport (its pieces joined in order;
         transports closed meanwhile are skipped). A response head, its body and a chunk's
         framing, written as they were produced, leave as one TLS record and one send."""
-        producers = self._producers
-        if producers:  # what they write joins this flush
+        while self._producers:  # what they write joins this flush (they may add more)
+            producers = self._producers
             self._producers = []
             for producer in producers:
                 producer()
@@ -78,7 +78,11 @@ class WriteBatch:
         self._size = 0
         if len(waiting) == 1:
             transport, data = waiting[0]
-            _write(transport, data)
+            if not transport.is_closing():
+                try:
+                    transport.write(data)
+                except Exception:
+                    log.exception("write to %r failed", transport)
             return
         joined: dict[asyncio.WriteTransport, list[bytes]] = {}
         for transport, data in waiting:
@@ -88,7 +92,11 @@ class WriteBatch:
             else:
                 pieces.append(data)
         for transport, pieces in joined.items():
-            _write(transport, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            if not transport.is_closing():
+                try:
+                    transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                except Exception:  # one broken transport must not strand the others' data
+                    log.exception("write to %r failed", transport)
 
     def close(self, transport: asyncio.WriteTransport) -> None:
         """Close ``transport`` after the writes waiting for it; the others keep waiting
@@ -107,11 +115,3 @@ class WriteBatch:
         if last and not transport.is_closing():
             transport.write(last)
         transport.close()
-
-
-def _write(transport: asyncio.WriteTransport, data: bytes) -> None:
-    if not transport.is_closing():
-        try:
-            transport.write(data)
-        except Exception:  # one broken transport must not strand the others' data
-            log.exception("write to %r failed", transport)

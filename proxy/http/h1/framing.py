@@ -19,35 +19,30 @@ _CLOSE_LINE = b"connection: close\r\n"
 _UPGRADE_LINE = b"connection: upgrade\r\n"
 
 
-def fields(pairs: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % pair for pair in pairs])
-
-
 def request_head(request: Request) -> bytes:
     """The head sent upstream: origin-form target, Host first, forwarding fields last."""
-    return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s\r\n" % (
-        request.method,
-        request.target,
-        request.host,
-        fields(request.fields),
-        request.forwarding.h1,
-    )
+    lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method, request.target, request.host)]
+    for field in request.fields:
+        lines.append(b"%s: %s\r\n" % field)
+    lines.append(request.forwarding.h1)
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def response_head(response: Response, *, chunked: bool, close: bool) -> bytes:
     """The head for an HTTP/1.x client. ``chunked``: the body goes in chunks we frame;
     ``close``: the connection ends after this response."""
-    extra = _CHUNKED_LINE if chunked else b""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)]
+    for field in response.fields:
+        lines.append(b"%s: %s\r\n" % field)
+    if chunked:
+        lines.append(_CHUNKED_LINE)
     if response.status == 101:
-        extra += _UPGRADE_LINE
+        lines.append(_UPGRADE_LINE)
     elif close:
-        extra += _CLOSE_LINE
-    return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
-        response.status,
-        response.reason,
-        fields(response.fields),
-        extra,
-    )
+        lines.append(_CLOSE_LINE)
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def chunk(data: bytes) -> list[bytes]:

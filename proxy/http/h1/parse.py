@@ -12,7 +12,7 @@ from typing import Protocol
 
 import httptools
 
-from proxy.http.message import HTTPError
+from proxy.http.message import HTTPError, RequestHead
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
@@ -47,9 +47,7 @@ def _version(text: str) -> bytes:
 class RequestHandler(Protocol):
     def request_begin(self) -> None: ...
 
-    def request_head(
-        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None: ...
+    def request_head(self, head: RequestHead) -> None: ...
 
     def request_body(self, data: bytes) -> None: ...
 
@@ -62,9 +60,7 @@ class _Closed:
     def request_begin(self) -> None:
         pass
 
-    def request_head(
-        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def request_head(self, head: RequestHead) -> None:
         pass
 
     def request_body(self, data: bytes) -> None:
@@ -142,10 +138,11 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         parser = self._parser
         headers, self._headers = self._headers, []  # not kept while the connection idles
-        version = _version(parser.get_http_version())
-        if version != b"1.1" and version != b"1.0":  # HTTP/2 comes by ALPN, never in a line
-            raise HTTPError(505, f"HTTP/{version.decode('latin-1')} is not supported here")
-        self._handler.request_head(parser.get_method(), self._target, version, headers)
+        text = parser.get_http_version()
+        version = _VERSIONS.get(text)
+        if version is None:  # HTTP/2 comes by ALPN, never in a request line
+            raise HTTPError(505, f"HTTP/{text} is not supported here")
+        self._handler.request_head(RequestHead(parser.get_method(), self._target, version, headers))
 
     def on_body(self, body: bytes) -> None:
         self._handler.request_body(body)

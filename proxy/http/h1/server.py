@@ -177,26 +177,19 @@ class H1Connection(asyncio.Protocol):
     # -- request events (from RequestReader) ----------------------------------------------
 
     def request_begin(self) -> None:
-        exchange = Exchange(self.runtime, self, self, self.runtime.loop.time())
-        self.receiving = exchange
         exchanges = self.exchanges
+        first = not exchanges
+        exchange = Exchange(self.runtime, self, self, self.runtime.loop.time(), started=first)
+        self.receiving = exchange
         exchanges.append(exchange)
-        if len(exchanges) == 1:
-            exchange.start()
-        else:
+        if not first:
             self._check_backlog()
 
-    def request_head(
-        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        exchange = self.receiving
-        assert exchange is not None
-        exchange.request_head(RequestHead(method, target, version, headers))
+    def request_head(self, head: RequestHead) -> None:
+        self.receiving.request_head(head)  # type: ignore[union-attr]  # set by request_begin
 
     def request_body(self, data: bytes) -> None:
-        exchange = self.receiving
-        assert exchange is not None
-        exchange.request_body(data)
+        self.receiving.request_body(data)  # type: ignore[union-attr]  # set by request_begin
 
     def request_end(self) -> None:
         exchange = self.receiving
@@ -272,11 +265,32 @@ class H1Connection(asyncio.Protocol):
             self.batch.write(transport, data)
 
     def respond_end(self, exchange: Exchange) -> None:
+        """The response is complete: move on to the next pipelined request, or wait."""
         transport = self.transport
         assert transport is not None
         if self.chunked:
             self.batch.write(transport, framing.LAST_CHUNK)
-        self._next(exchange)
+        exchanges = self.exchanges
+        exchanges.pop(0)
+        if self.holding:
+            self.resume_request(exchange)
+        if self.close_after or exchange.request_state != DONE:  # else its body is unread
+            self._clear()
+            self._pause(_CLOSING)
+            self.batch.close(transport)
+            return
+        if self.runtime.draining:
+            self._clear()
+            self.batch.close(transport)
+            return
+        if exchanges:
+            self._check_backlog()
+            following = exchanges[0]
+            if self.stalled_since:
+                following.client_writable(False)
+            following.start()
+            return
+        self.idle_deadline = self.runtime.loop.time() + self.runtime.settings.keepalive_timeout
 
     def answer_error(self, exchange: Exchange, error: HTTPError) -> None:
         """The proxy's own answer; the connection closes after it (what follows it in the
@@ -323,36 +337,6 @@ class H1Connection(asyncio.Protocol):
         held, self.held = self.held, b""
         self.runtime.connections.discard(self)  # the tunnel takes its place
         Tunnel(self.runtime, transport, link.detach(), rest, held)
-
-    def flush(self) -> None:
-        """Nothing waits here: every write is already in the write batch."""
-
-    # -- the end of an exchange -----------------------------------------------------------
-
-    def _next(self, exchange: Exchange) -> None:
-        """Move on to the next pipelined request, or wait for one."""
-        transport = self.transport
-        assert transport is not None
-        exchanges = self.exchanges
-        exchanges.pop(0)
-        self.resume_request(exchange)
-        if self.close_after or exchange.request_state != DONE:  # else its body is unread
-            self._clear()
-            self._pause(_CLOSING)
-            self.batch.close(transport)
-            return
-        if self.runtime.draining:
-            self._clear()
-            self.batch.close(transport)
-            return
-        if exchanges:
-            self._check_backlog()
-            following = exchanges[0]
-            if self.stalled_since:
-                following.client_writable(False)
-            following.start()
-            return
-        self.idle_deadline = self.runtime.loop.time() + self.runtime.settings.keepalive_timeout
 
     def _clear(self) -> None:
         """Forget every exchange: the connection is closing."""

@@ -132,18 +132,22 @@ class H2Stream:
         self.held = None if end else []
 
     def respond_body(self, data: bytes) -> None:
-        if self.held is not None and data:  # sent at flush(): the end may come in the same read
-            self.held.append(data)
+        held = self.held
+        if held is not None and data:  # sent at the iteration's end: the end may come too
+            held.append(data)
             self.held_bytes += len(data)
+            if self.held_bytes > LIMIT:  # bulk data goes at once (backpressure sees it)
+                self.connection.send_held(self)
+            elif len(held) == 1:
+                self.connection.send_later(self)
 
     def respond_end(self, exchange: Exchange) -> None:
-        if self.held is not None:
-            self.held.append(b"")  # the end, after what is held
+        held = self.held
+        if held is not None:
+            held.append(b"")  # the end, after what is held
+            if len(held) == 1:
+                self.connection.send_later(self)
         self.connection.finished(self)
-
-    def flush(self) -> None:
-        if self.held:
-            self.connection.send_held(self)
 
     def answer_error(self, exchange: Exchange, error: HTTPError) -> None:
         connection = self.connection
@@ -424,6 +428,11 @@ class H2Connection(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             return
         self._flush()
+
+    def send_later(self, stream: H2Stream) -> None:
+        """Send what ``stream`` holds just before this iteration's writes leave, so a small
+        body and its end go as one DATA frame."""
+        self.runtime.batch.produce(lambda: self.send_held(stream))
 
     def send_held(self, stream: H2Stream) -> None:
         """Send what the stream holds as far as the windows allow; pause its upstream when
