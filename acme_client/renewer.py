@@ -33,12 +33,10 @@ from acme_client.issuer import Issuer
 from acme_client.keys import inspect
 from acme_client.network import ACMEFailure
 from acme_client.records import CertificateRecords, Metadata, StoredCertificate
-from acme_client.schedule import next_attempt, renewal_due
+from acme_client.schedule import broken_retry_delay, next_attempt, renewal_due
 from acme_client.storage import LockBusy, Storage
 
 log = logging.getLogger("tlsproxy.acme")
-MAINTENANCE_RETRY = 15.0  # seconds before retrying maintenance that failed outside the CA
-MAINTENANCE_RETRY_MAX = 900.0
 
 POLL_INTERVAL = 2.0  # seconds between checks of storage for other processes' changes
 MIN_SLEEP = 0.05
@@ -426,7 +424,7 @@ class Renewer:
             # Not the CA (its errors are outcomes): storage unreachable, say. Back off
             # exponentially, 15 s to 15 min; the traceback once, then one line each time.
             managed.broken += 1
-            delay = min(MAINTENANCE_RETRY_MAX, MAINTENANCE_RETRY * 2 ** (managed.broken - 1))
+            delay = broken_retry_delay(managed.broken).total_seconds()
             if managed.broken == 1:
                 log.exception("site %s: certificate maintenance failed", managed.request.site)
             else:

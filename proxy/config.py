@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from acme_client.location import StorageLocation, parse_location
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -114,6 +116,10 @@ class TLSConfig:
 
     storage: str = "./tlsproxy-data"
     issuer: Literal["acme", "internal"] = "acme"
+    location: StorageLocation = field(init=False, repr=False, compare=False)  # storage, parsed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "location", parse_location(self.storage))
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +210,11 @@ def start_problems(config: Config) -> list[str]:
     problems: list[str] = []
     if not config.sites:
         problems.append(f"sites: {NO_SITES}")
-    from acme_client.redis_storage import url_problem  # the storage URL's own rules
-
-    if "://" in config.tls.storage and (storage := url_problem(config.tls.storage)):
+    location = config.tls.location
+    if storage := location.problem():
         problems.append(f"tls.storage: {storage}")
     elif (
-        "://" in config.tls.storage
+        location.directory is None
         and config.tls.issuer == "internal"
         and any(site.cert is None and site.key is None for site in config.sites)
     ):
@@ -326,8 +331,9 @@ class _Table:
 
 
 def _keys(cls: type) -> tuple[str, ...]:
-    """A dataclass's field names: the TOML keys of its table, so the two cannot drift apart."""
-    return tuple(f.name for f in dataclasses.fields(cls))
+    """A dataclass's field names: the TOML keys of its table, so the two cannot drift apart.
+    Fields computed from the others (``init=False``) are not keys."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 def _items(value: object, empty: str = "") -> Sequence[object]:

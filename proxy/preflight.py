@@ -34,12 +34,12 @@ def local_problems(config: Config) -> list[str]:
     for index, site in enumerate(config.sites):
         if site.cert is not None and site.key is not None:
             found += _pair_problems(index, site)
-    storage = config.tls.storage
-    if "://" not in storage and any(_without_files(site) for site in config.sites):
-        storage_problems = _storage_problems(storage)
+    directory = config.tls.location.directory
+    if directory is not None and any(_without_files(site) for site in config.sites):
+        storage_problems = _storage_problems(config.tls.storage)
         found += storage_problems
         if not storage_problems and _needs_ca(config):
-            found += _ca_problems(Path(storage) / "ca")
+            found += _ca_problems(directory / "ca")
     return found
 
 

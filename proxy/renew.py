@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from acme_client.challenges import StorageChallengeStore
+from acme_client.location import open_storage
 from acme_client.renewer import Outcome, Renewer, due_time
-from acme_client.storage import open_storage
 from proxy.certs.acme_sites import request_for, settings_for, uses_acme
 from proxy.certs.store import normalize
 from proxy.config import Config, Site
@@ -60,7 +60,7 @@ def renew(config: Config, hosts: Sequence[str], force: bool) -> int:
 
 
 async def _renew(config: Config, sites: list[Site], force: bool) -> int:
-    storage = open_storage(config.tls.storage)
+    storage = open_storage(config.tls.location)
     challenges = StorageChallengeStore(storage)
     servers = await _listen_http(config, challenges)
     try:

@@ -22,10 +22,11 @@ from acme_client.account import ACMESettings
 from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import MemoryChallengeStore
 from acme_client.keys import inspect
+from acme_client.location import open_storage
 from acme_client.records import CertificateRecords, Metadata
 from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_problem
 from acme_client.renewer import CertificateRequest, Renewer
-from acme_client.storage import LockBusy, open_storage
+from acme_client.storage import LockBusy
 from proxy.certs.acme_sites import watch_changes
 from tests.support import free_port, stop_process
 from tests.test_acme_units import DIRECTORY, LocalCA, Sink, wait_for

@@ -37,9 +37,8 @@ from proxy.certs.sources import (
     CertificateManager,
     describe_certificates,
     renewal_due,
-    safe_name,
 )
-from proxy.certs.store import CertStore, make_entry
+from proxy.certs.store import CertStore, make_entry, safe_name
 from proxy.config import Site, TLSConfig
 from proxy.tasks import spawn
 

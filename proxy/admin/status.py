@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from acme_client.records import CertificateRecords, Metadata
+from acme_client.schedule import renewal_due
 from acme_client.storage import FileStorage
 from proxy import metrics
 from proxy.certs import acme_sites
@@ -211,9 +212,10 @@ def _certificates(config: Config, store: CertStore, now: datetime) -> list[dict[
 
 def _acme_metadata(config: Config) -> dict[str, Metadata]:
     """Each ACME site's ``meta.json`` (last attempt, failures, next attempt)."""
-    if "://" in config.tls.storage:
+    directory = config.tls.location.directory
+    if directory is None:
         return {}
-    records = CertificateRecords(FileStorage(config.tls.storage), config.acme.directory)
+    records = CertificateRecords(FileStorage(directory), config.acme.directory)
     found: dict[str, Metadata] = {}
     for site in config.sites:
         if acme_sites.uses_acme(site, config.tls):
@@ -263,7 +265,7 @@ def certificate_state(
     lifetime = entry.not_after - entry.not_before
     if entry.not_after - now < min(EXPIRING_SOON, lifetime / 6):
         return "expiring soon"
-    due = entry.not_after - lifetime / 3
+    due = renewal_due(entry.not_before, entry.not_after)
     if entry.source == acme_sites.TEMPORARY_SOURCE or now >= due:
         return "renewing"
     return "ok"

@@ -22,13 +22,15 @@ from urllib.parse import urlsplit
 from acme_client.account import ACMESettings
 from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from acme_client.location import open_storage
 from acme_client.records import CertificateRecords
-from acme_client.redis_storage import HEALTH_HOOKS, is_redis_url
+from acme_client.redis_storage import HEALTH_HOOKS
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
-from acme_client.storage import Storage, open_storage
+from acme_client.schedule import renewal_due
+from acme_client.storage import Storage
 from proxy import metrics
 from proxy.certs.internal_ca import InternalCA
-from proxy.certs.store import CertEntry, CertStore, make_entry
+from proxy.certs.store import CertEntry, CertStore, make_entry, safe_name
 from proxy.config import ACMEConfig, Site, TLSConfig
 
 log = logging.getLogger("tlsproxy.certs")
@@ -54,9 +56,9 @@ def settings_for(acme: ACMEConfig) -> ACMESettings:
 def challenge_store_for(tls: TLSConfig) -> ChallengeStore:
     """Tokens in storage, so every process sharing it (and ``tlsproxy renew``, and every
     replica on the same Redis) can answer."""
-    if "://" in tls.storage and not tls.storage.lower().startswith(("redis://", "rediss://")):
+    if tls.location.kind == "unsupported":  # refused by start_problems before anything runs
         return MemoryChallengeStore()
-    return StorageChallengeStore(open_storage(tls.storage))
+    return StorageChallengeStore(open_storage(tls.location))
 
 
 _local: dict[str, Path] = {}
@@ -66,8 +68,8 @@ def local_directory(tls: TLSConfig) -> Path:
     """Where the internal CA of temporary certificates lives: the storage directory, or,
     with Redis storage, a private directory of this process (temporary certificates are
     never shared)."""
-    if "://" not in tls.storage:
-        return Path(tls.storage)
+    if tls.location.directory is not None:
+        return tls.location.directory
     if tls.storage not in _local:
         _local[tls.storage] = Path(tempfile.mkdtemp(prefix="tlsproxy-"))
     return _local[tls.storage]
@@ -93,8 +95,6 @@ def uses_acme(site: Site, tls: TLSConfig) -> bool:
 
 
 def request_for(site: Site) -> CertificateRequest:
-    from proxy.certs.sources import safe_name
-
     return CertificateRequest(safe_name(site.name), site.hosts)
 
 
@@ -157,8 +157,8 @@ class ACMESites:
         settings = settings_for(acme)
         renewer = self.renewer
         if renewer is None or self._key != (settings, tls.storage):
-            storage = open_storage(tls.storage)
-            if is_redis_url(tls.storage):
+            storage = open_storage(tls.location)
+            if tls.location.shared_url:
                 metrics.storage_up(True)  # until Redis says otherwise
             renewer = Renewer(
                 settings,
@@ -174,7 +174,7 @@ class ACMESites:
             try:
                 stored = renewer.stored(request)
             except Exception as exc:
-                if "://" not in tls.storage:
+                if not tls.location.shared_url:
                     raise
                 log.warning("site %s: storage unreachable (%s)", site.name, exc)
                 stored = None
@@ -269,7 +269,7 @@ class ACMESites:
                 entry = self.store.get(names[0])
                 if entry is None or entry.source != TEMPORARY_SOURCE:
                     continue
-                if now >= entry.not_after - (entry.not_after - entry.not_before) / 3:
+                if now >= renewal_due(entry.not_before, entry.not_after):
                     try:
                         new = await asyncio.to_thread(self._temporary, site, storage)
                     except Exception:
@@ -290,7 +290,7 @@ class ACMEStatus:
 
 
 def describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> ACMEStatus:
-    records = CertificateRecords(open_storage(tls.storage), acme.directory)
+    records = CertificateRecords(open_storage(tls.location), acme.directory)
     request = request_for(site)
     meta, stored = records.load(request.site)
     now = datetime.now(UTC)

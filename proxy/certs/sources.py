@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import ssl
 import threading
 from collections.abc import Sequence
@@ -23,19 +22,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from acme_client import schedule
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
 from proxy.certs import acme_sites
 from proxy.certs.internal_ca import DEFAULT_LEAF_LIFETIME, InternalCA, InternalCAError
 from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
-from proxy.certs.store import CertEntry, CertStore, make_entry, normalize
+from proxy.certs.store import CertEntry, CertStore, make_entry, normalize, safe_name
 from proxy.config import ACMEConfig, Site, TLSConfig
 
 log = logging.getLogger("tlsproxy.certs")
 
 POLL_INTERVAL = 2.0  # seconds between checks of cert/key files (the contract says <= 10 s)
 MIN_SLEEP = 0.05  # never spin, whatever the due times say
-RETRY_MIN = timedelta(minutes=1)  # first retry after a failed internal re-issue, then doubling
-RETRY_MAX = timedelta(hours=1)
 
 
 class CertificateError(Exception):
@@ -48,8 +46,8 @@ class CertificateError(Exception):
 
 
 def renewal_due(entry: CertEntry) -> datetime:
-    """When a third of the certificate's lifetime remains (Let's Encrypt's advice, certmagic's)."""
-    return entry.not_after - (entry.not_after - entry.not_before) / 3
+    """When to renew an installed certificate: :mod:`acme_client.schedule`'s rule."""
+    return schedule.renewal_due(entry.not_before, entry.not_after)
 
 
 # -- files -------------------------------------------------------------------------------
@@ -164,7 +162,7 @@ class InternalCertificate:
         self.directory = storage / "certificates" / "internal" / safe_name(site.name)
         self.entry: CertEntry | None = None
         self.retry_at: datetime | None = None  # set after a failed re-issue
-        self._backoff = RETRY_MIN
+        self.failures = 0  # re-issues in a row that failed (the backoff's exponent)
 
     @property
     def identity(self) -> tuple[object, ...]:
@@ -228,19 +226,14 @@ class InternalCertificate:
         try:
             entry = self.prepare(now)
         except CertificateError as exc:
-            self.retry_at = datetime.now(UTC) + self._backoff
-            log.error("%s; retrying in %s", exc, self._backoff)
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self.failures += 1
+            delay = schedule.retry_delay(self.failures, self.lifetime)
+            self.retry_at = datetime.now(UTC) + delay
+            log.error("%s; retrying in %s", exc, delay)
             return False
-        self.retry_at, self._backoff = None, RETRY_MIN
+        self.retry_at, self.failures = None, 0
         self.store.install_entry(entry)
         return True
-
-
-def safe_name(host: str) -> str:
-    """A host as a directory name: ``*.example.com`` -> ``wildcard_.example.com``."""
-    name = normalize(host).replace("*", "wildcard_").replace(":", "-")
-    return re.sub(r"[^a-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 # -- the `certs` table ------------------------------------------------------------------
@@ -271,8 +264,9 @@ def _describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> CertificateStatus
         return CertificateStatus(
             site.hosts, "file", not_after, "when the files change", _file_error(site)
         )
-    if tls.issuer == "internal" and "://" not in tls.storage:
-        directory = Path(tls.storage, "certificates", "internal", safe_name(site.name))
+    storage = tls.location.directory
+    if tls.issuer == "internal" and storage is not None:
+        directory = storage / "certificates" / "internal" / safe_name(site.name)
         leaf = _read_leaf(directory / "cert.pem")
         if leaf is None:
             return CertificateStatus(site.hosts, "internal", "-", "at start", None)
@@ -393,10 +387,11 @@ class CertificateManager:
         return files, internal
 
     def _storage(self, site: Site, tls: TLSConfig) -> Path:
-        if "://" in tls.storage:
+        directory = tls.location.directory
+        if directory is None:
             reason = f"the internal issuer needs a directory as tls.storage, not {tls.storage!r}"
             raise CertificateError(site.name, reason)
-        return Path(tls.storage)
+        return directory
 
     def _load_ca(self, site: Site, storage: Path) -> InternalCA:
         if self._ca is None or self._ca.directory != storage / "ca":

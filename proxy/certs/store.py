@@ -9,6 +9,7 @@ always sees a consistent mapping, and an open connection keeps the context it st
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -95,6 +96,12 @@ def normalize(name: str) -> str:
     """The lookup key for a host name: lower case, no trailing dot."""
     name = name.lower()
     return name[:-1] if name.endswith(".") else name
+
+
+def safe_name(host: str) -> str:
+    """A host as a directory name: ``*.example.com`` -> ``wildcard_.example.com``."""
+    name = normalize(host).replace("*", "wildcard_").replace(":", "-")
+    return re.sub(r"[^a-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 @dataclass(frozen=True, slots=True)
