@@ -1,8 +1,9 @@
-"""One certificate order over HTTP-01, driven step by step so that it is brisk and bounded.
+"""One certificate order, driven step by step so that it is brisk and bounded.
 
-new order -> for each pending authorization: the HTTP-01 key authorization goes into the
-:class:`ChallengeStore` (the port-80 listener answers it), the challenge is answered ->
-poll every 0.1-0.5 s (the library sleeps whole seconds) until valid -> finalize with a CSR
+new order -> for each pending authorization the first solver (:mod:`acme_client.solvers`, in
+order of preference) whose challenge type the CA offers publishes its answer -> every solver
+waits until the CA can see it -> the challenges are answered -> poll every 0.1-0.5 s (the
+library sleeps whole seconds) until valid -> the answers are removed -> finalize with a CSR
 for a fresh P-256 key -> poll the order -> download the full chain.
 
 Synchronous (the ``acme`` library is): callers run :meth:`Issuer.obtain` in a thread. Every
@@ -22,9 +23,9 @@ from typing import cast
 from acme import challenges, client, errors, messages
 
 from acme_client.account import Account
-from acme_client.interfaces import ChallengeStore
 from acme_client.keys import inspect, key_matches, make_csr, new_key_pem
 from acme_client.network import ACMEFailure, Network, failure, validation_failure
+from acme_client.solvers import Challenge, Solver
 
 log = logging.getLogger("tlsproxy.acme")
 
@@ -52,14 +53,14 @@ class Issuer:
     def __init__(
         self,
         account: Account,
-        challenge_store: ChallengeStore,
+        solvers: Sequence[Solver],
         *,
         timeout: float = ORDER_TIMEOUT,
         poll_first: float = POLL_FIRST,
         poll_max: float = POLL_MAX,
     ) -> None:
         self.account = account
-        self.challenges = challenge_store
+        self.solvers = tuple(solvers)  # in order of preference
         self.timeout = timeout
         self.poll_first = poll_first
         self.poll_max = poll_max
@@ -77,20 +78,25 @@ class Issuer:
 
     def _obtain(self, names: Sequence[str], cancel: threading.Event | None) -> Issued:
         started = time.monotonic()
-        flow = _Flow(self, started + self.timeout, cancel)
         acme = self.account.connect()
         net = cast(Network, acme.net)
         try:
             key_pem = new_key_pem()
             order = acme.new_order(make_csr(key_pem, names))
             log.debug("order %s for %s", order.uri, ", ".join(names))
-            tokens: list[str] = []
+            presented: list[tuple[Solver, Challenge]] = []
             try:
-                pending = self._answer(acme, order, tokens)
+                answers = self._present(acme, order, presented)
+                for solver, challenge in presented:  # the CA must not look before it can see
+                    solver.wait(challenge, cancel)
+                flow = _Flow(self, time.monotonic() + self.timeout, cancel)
+                for challb, response in answers:
+                    acme.answer_challenge(challb, response)
+                valid = messages.STATUS_VALID
+                pending = [a for a in order.authorizations if a.body.status != valid]
                 flow.wait_for_authorizations(acme, pending)
             finally:
-                for token in tokens:
-                    self.challenges.delete(token)
+                _cleanup(presented)
             chain_pem = flow.finalize(acme, order).encode()
         except ACMEFailure:
             raise
@@ -103,28 +109,46 @@ class Issuer:
             chain_pem, key_pem, str(order.uri), time.monotonic() - started, net.bad_nonces
         )
 
-    def _answer(
-        self, acme: client.ClientV2, order: messages.OrderResource, tokens: list[str]
-    ) -> list[messages.AuthorizationResource]:
-        """Publish and answer the HTTP-01 challenge of every authorization not yet valid."""
-        pending = []
+    def _present(
+        self,
+        acme: client.ClientV2,
+        order: messages.OrderResource,
+        presented: list[tuple[Solver, Challenge]],
+    ) -> list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]]:
+        """Publish a challenge for every authorization not yet valid, each with the first
+        solver (in order of preference) whose type the CA offers; what to answer."""
+        answers = []
         for authzr in order.authorizations:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # the CA reused an earlier validation
-            name = authzr.body.identifier.value
-            challb = next(
-                (c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
+            solver, challb = self._choose(authzr.body)
+            chall = cast(challenges.KeyAuthorizationChallenge, challb.chall)
+            challenge = Challenge(
+                type=solver.challenge_type,
+                name=authzr.body.identifier.value,
+                wildcard=bool(authzr.body.wildcard),
+                token=chall.encode("token"),
+                key_authorization=chall.key_authorization(acme.net.key),
             )
-            if challb is None:
-                offered = ", ".join(str(c.chall.typ) for c in authzr.body.challenges) or "none"
-                raise ACMEFailure("no http-01 challenge", f"{name}: the CA offered {offered}")
-            response, key_authorization = challb.response_and_validation(acme.net.key)
-            token = challb.chall.encode("token")
-            self.challenges.put(token, key_authorization)
-            tokens.append(token)
-            acme.answer_challenge(challb, response)
-            pending.append(authzr)
-        return pending
+            solver.present(challenge)
+            presented.append((solver, challenge))
+            answers.append((challb, chall.response(acme.net.key)))
+        return answers
+
+    def _choose(self, authz: messages.Authorization) -> tuple[Solver, messages.ChallengeBody]:
+        offered = {challenge_type(c): c for c in authz.challenges}
+        for solver in self.solvers:
+            challb = offered.get(solver.challenge_type)
+            if challb is not None and isinstance(
+                challb.chall, challenges.KeyAuthorizationChallenge
+            ):
+                return solver, challb
+        name = ("*." if authz.wildcard else "") + authz.identifier.value
+        ours = ", ".join(s.challenge_type for s in self.solvers) or "none"
+        raise ACMEFailure(
+            "no usable challenge",
+            f"{name}: the CA offered {', '.join(offered) or 'none'}; configured: {ours}",
+        )
 
     def renewal_window(self, chain_pem: bytes) -> tuple[datetime, datetime] | None:
         """ARI (RFC 9773): (when to renew, when to ask again), or None if the CA has no ARI."""
@@ -219,6 +243,24 @@ class _Flow:
             self.sleep(net)
             response = net.post(order.uri, None, new_nonce_url=new_nonce)
             order = order.update(body=messages.Order.from_json(response.json()))
+
+
+def challenge_type(challb: messages.ChallengeBody) -> str:
+    """``http-01``, ``dns-01``, ...: also for types the library does not know (its
+    ``UnrecognizedChallenge`` keeps the JSON, type included)."""
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        return str(chall.jobj.get("type", "unknown"))
+    return str(chall.typ)
+
+
+def _cleanup(presented: list[tuple[Solver, Challenge]]) -> None:
+    """Remove every published answer; one that fails is logged, the others still go."""
+    for solver, challenge in presented:
+        try:
+            solver.cleanup(challenge)
+        except Exception as exc:
+            log.warning("%s for %s: cleaning up failed: %s", challenge.type, challenge.name, exc)
 
 
 def _check_certificate(chain_pem: bytes, key_pem: bytes, names: Sequence[str]) -> None:

@@ -22,18 +22,19 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from acme_client.account import Account, ACMESettings
-from acme_client.interfaces import CertificateSink, ChallengeStore
+from acme_client.interfaces import CertificateSink
 from acme_client.issuer import Issuer
 from acme_client.keys import inspect
 from acme_client.network import ACMEFailure
 from acme_client.records import CertificateRecords, Metadata, StoredCertificate
 from acme_client.schedule import broken_retry_delay, next_attempt, renewal_due
+from acme_client.solvers import Solver
 from acme_client.storage import LockBusy, Storage
 
 log = logging.getLogger("tlsproxy.acme")
@@ -107,7 +108,7 @@ class Renewer:
         self,
         settings: ACMESettings,
         storage: Storage,
-        challenges: ChallengeStore,
+        solvers: Sequence[Solver],
         sink: CertificateSink | None = None,
         *,
         issuer: Issuer | None = None,
@@ -118,7 +119,7 @@ class Renewer:
         self.settings = settings
         self.on_outcome = on_outcome  # told of every order: True issued, False failed
         self.records = CertificateRecords(storage, settings.directory)
-        self.issuer = issuer or Issuer(Account(settings, storage), challenges)
+        self.issuer = issuer or Issuer(Account(settings, storage), solvers)
         self.sink = sink
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from acme_client.challenges import StorageChallengeStore
 from acme_client.location import open_storage
 from acme_client.renewer import Outcome, Renewer, due_time
+from acme_client.solvers import HTTP01Solver
 from proxy.certs.acme_sites import request_for, settings_for, uses_acme
 from proxy.certs.store import normalize
 from proxy.config import Config, Site
@@ -64,7 +65,7 @@ async def _renew(config: Config, sites: list[Site], force: bool) -> int:
     challenges = StorageChallengeStore(storage)
     servers = await _listen_http(config, challenges)
     try:
-        renewer = Renewer(settings_for(config.acme), storage, challenges)
+        renewer = Renewer(settings_for(config.acme), storage, [HTTP01Solver(challenges)])
         status = 0
         for site in sites:
             try:

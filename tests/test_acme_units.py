@@ -23,7 +23,6 @@ from cryptography.x509.oid import NameOID
 
 from acme_client.account import Account, ACMESettings
 from acme_client.challenges import StorageChallengeStore
-from acme_client.interfaces import MemoryChallengeStore
 from acme_client.issuer import Issued, Issuer
 from acme_client.keys import inspect, new_key_pem
 from acme_client.network import ACMEFailure, parse_retry_after
@@ -208,7 +207,7 @@ class FakeIssuer(Issuer):
     """Issues ``lifetime``-second leaves; fails the calls whose numbers are in ``fail``."""
 
     def __init__(self, storage: FileStorage, lifetime: float, fail: set[int] | None = None):
-        super().__init__(Account(ACMESettings(DIRECTORY), storage), MemoryChallengeStore())
+        super().__init__(Account(ACMESettings(DIRECTORY), storage), [])
         self.ca = LocalCA()
         self.lifetime = lifetime
         self.fail = fail or set()
@@ -253,7 +252,7 @@ async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_eac
     renewer = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [],
         sink,
         issuer=issuer,
         on_outcome=outcomes.append,
@@ -296,7 +295,7 @@ async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: 
     running = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [],
         sink,
         issuer=FakeIssuer(storage, lifetime=3600),
         poll_interval=0.2,
@@ -310,7 +309,7 @@ async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: 
         other = Renewer(
             ACMESettings(DIRECTORY),
             storage,
-            MemoryChallengeStore(),
+            [],
             issuer=FakeIssuer(storage, lifetime=3600),
         )
         outcome = await asyncio.to_thread(other.renew, request, force=True)
@@ -325,7 +324,7 @@ async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: 
 def test_ari_window_from_the_ca_sets_the_due_time(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path)
     issuer = FakeIssuer(storage, lifetime=90 * 86400)
-    renewer = Renewer(ACMESettings(DIRECTORY), storage, MemoryChallengeStore(), issuer=issuer)
+    renewer = Renewer(ACMESettings(DIRECTORY), storage, [], issuer=issuer)
     request = CertificateRequest("ari.test", ("ari.test",))
     outcome = renewer.renew(request)
     assert outcome.certificate is not None
@@ -351,7 +350,7 @@ def test_a_half_written_certificate_is_not_used(tmp_path: Path) -> None:
     renewer = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [],
         issuer=FakeIssuer(storage, lifetime=3600),
     )
     request = CertificateRequest("h.test", ("h.test",))
@@ -385,7 +384,7 @@ def test_rate_limited_errors_carry_the_cas_retry_after(tmp_path: Path) -> None:
     # the renewer waits until then, since the current certificate outlives it
     storage = FileStorage(tmp_path)
     issuer = FakeIssuer(storage, lifetime=3600)
-    renewer = Renewer(ACMESettings(DIRECTORY), storage, MemoryChallengeStore(), issuer=issuer)
+    renewer = Renewer(ACMESettings(DIRECTORY), storage, [], issuer=issuer)
     request = CertificateRequest("r.test", ("r.test",))
     assert renewer.renew(request).status == "issued"
 

@@ -26,6 +26,7 @@ from acme_client.location import open_storage
 from acme_client.records import CertificateRecords, Metadata
 from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_problem
 from acme_client.renewer import CertificateRequest, Renewer
+from acme_client.solvers import HTTP01Solver
 from acme_client.storage import LockBusy
 from proxy.certs.acme_sites import watch_changes
 from tests.support import free_port, stop_process
@@ -217,7 +218,7 @@ async def test_a_replica_installs_what_another_stored(server: RedisServer, annou
     renewer = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [HTTP01Solver(MemoryChallengeStore())],
         sink,
         poll_interval=30.0 if announced else 1.0,
     )

@@ -27,6 +27,7 @@ from acme_client.records import CertificateRecords
 from acme_client.redis_storage import HEALTH_HOOKS
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
 from acme_client.schedule import renewal_due
+from acme_client.solvers import HTTP01Solver
 from acme_client.storage import Storage
 from proxy import metrics
 from proxy.certs.internal_ca import InternalCA
@@ -163,7 +164,7 @@ class ACMESites:
             renewer = Renewer(
                 settings,
                 storage,
-                self.challenges,
+                [HTTP01Solver(self.challenges)],
                 _Sink(self, self.store, acme.directory),
                 on_outcome=metrics.acme_renewal,
             )
