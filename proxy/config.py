@@ -24,6 +24,7 @@ from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from acme_client.location import StorageLocation, parse_location
+from acme_client.rfc2136 import ALGORITHMS as TSIG_ALGORITHMS
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -122,16 +123,43 @@ class TLSConfig:
         object.__setattr__(self, "location", parse_location(self.storage))
 
 
+CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class DNSConfig:
+    """The ``[acme.dns]`` table: how DNS-01 puts its TXT records into DNS.
+
+    ``provider = "rfc2136"``: dynamic updates to ``server``, signed with the TSIG key
+    ``tsig_key`` (its secret in ``tsig_secret`` or the file ``tsig_secret_file``).
+    ``provider = "exec"``: ``command`` is run as ``command present|cleanup FQDN VALUE``.
+    """
+
+    provider: Literal["rfc2136", "exec"] = "rfc2136"
+    server: Address | None = None  # rfc2136: the primary nameserver taking updates
+    tsig_key: str = ""
+    tsig_algorithm: str = "hmac-sha256"
+    tsig_secret: str = field(default="", repr=False)  # never in logs or status
+    tsig_secret_file: str = ""
+    command: tuple[str, ...] = ()  # exec: the program and its first arguments
+    zone: str = ""  # "" = the zone the SOA names
+    propagation_timeout: float = 120.0  # seconds for every authoritative server to serve it
+    resolvers: tuple[Address, ...] = ()  # asked for SOA, NS and CNAME; () = the system's
+
+
 @dataclass(frozen=True, slots=True)
 class ACMEConfig:
     """The ``[acme]`` table: the CA's directory URL, the account contact, extra trust for
-    the CA's API and optional External Account Binding."""
+    the CA's API, optional External Account Binding, the challenge types in order of
+    preference and, for DNS-01, ``[acme.dns]``."""
 
     directory: str = LETS_ENCRYPT
     email: str = ""
     ca_bundle: str = ""  # CA file trusted for the ACME server's own HTTPS API (Pebble, private CAs)
     eab_kid: str = ""  # External Account Binding key id, for CAs that require one
     eab_hmac_key: str = ""  # ... and its base64url HMAC key
+    challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
+    dns: DNSConfig | None = None  # [acme.dns]: needed by "dns-01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,10 +270,18 @@ def _loopback(host: str) -> bool:
 
 
 def _acme_problems(config: Config) -> list[str]:
-    """ACME certificates are validated over HTTP-01, which cannot prove a wildcard name."""
-    if config.tls.issuer != "acme":
-        return []
+    """DNS-01 and its table come together; only DNS-01 can prove a wildcard name."""
+    acme = config.acme
     problems: list[str] = []
+    if "dns-01" in acme.challenges and acme.dns is None:
+        problems.append('acme.challenges: "dns-01" needs an [acme.dns] table (provider, ...)')
+    if acme.dns is not None and "dns-01" not in acme.challenges:
+        problems.append(
+            'acme.dns: configured, but acme.challenges does not list "dns-01" '
+            '(e.g. challenges = ["dns-01"])'
+        )
+    if config.tls.issuer != "acme":
+        return problems
     acme_sites = [
         (index, site)
         for index, site in enumerate(config.sites)
@@ -253,11 +289,11 @@ def _acme_problems(config: Config) -> list[str]:
     ]
     for index, site in acme_sites:
         for position, host in enumerate(site.hosts):
-            if host.startswith("*."):
+            if host.startswith("*.") and "dns-01" not in acme.challenges:
                 problems.append(
                     f"sites[{index}].hosts[{position}]: {host!r}: a wildcard certificate needs "
-                    "the ACME DNS-01 challenge, and this version validates over HTTP-01 only; "
-                    'give this site cert and key files, or use issuer = "internal" in [tls]'
+                    'the dns-01 challenge: add "dns-01" to acme.challenges and configure '
+                    "[acme.dns] (or give this site cert and key files)"
                 )
     bundle = config.acme.ca_bundle
     if acme_sites and bundle and not os.path.isfile(bundle):
@@ -634,12 +670,63 @@ def _acme(value: object) -> ACMEConfig:
         ca_bundle=t.get("ca_bundle", _string, d.ca_bundle),
         eab_kid=t.get("eab_kid", _string, d.eab_kid),
         eab_hmac_key=t.get("eab_hmac_key", _eab_key, d.eab_hmac_key),
+        challenges=t.get("challenges", _challenges, d.challenges),
+        dns=t.get("dns", _dns, d.dns),
     )
     for present, absent in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
         if t.data.get(present) and not t.data.get(absent):
             t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
     t.done()
     return acme
+
+
+def _challenges(value: object) -> tuple[str, ...]:
+    types = _list_of(_one_of(*CHALLENGES), empty="at least one challenge type is needed")(value)
+    if len(set(types)) != len(types):
+        raise _bad("each challenge type may be listed once")
+    return types
+
+
+def _dns_server(value: object) -> Address:
+    """A DNS server ``host:port``, or a bare IP address (port 53)."""
+    text = _string(value)
+    if _is_ip(text):
+        return Address(text, 53)
+    return _address(value)
+
+
+def _dns(value: object) -> DNSConfig:
+    t, d = _Table(value, _keys(DNSConfig)), DNSConfig()
+    dns = DNSConfig(
+        provider=t.get("provider", _one_of("rfc2136", "exec"), d.provider),
+        server=t.get("server", _dns_server, d.server),
+        tsig_key=t.get("tsig_key", _string, d.tsig_key),
+        tsig_algorithm=t.get("tsig_algorithm", _one_of(*TSIG_ALGORITHMS), d.tsig_algorithm),
+        tsig_secret=t.get("tsig_secret", _base64, d.tsig_secret),
+        tsig_secret_file=t.get("tsig_secret_file", _string, d.tsig_secret_file),
+        command=t.get("command", _list_of(_nonempty), d.command),
+        zone=t.get("zone", _string, d.zone),
+        propagation_timeout=t.get("propagation_timeout", _seconds, d.propagation_timeout),
+        resolvers=t.get("resolvers", _list_of(_dns_server), d.resolvers),
+    )
+    if dns.provider == "rfc2136":
+        for key, present in (("server", dns.server), ("tsig_key", dns.tsig_key)):
+            if not present and key not in t.data:
+                t.found.append((f".{key}", 'required with provider = "rfc2136"'))
+        if bool(dns.tsig_secret) == bool(dns.tsig_secret_file):
+            t.found.append((".tsig_secret", "give tsig_secret or tsig_secret_file (one of them)"))
+    elif not dns.command and "command" not in t.data:
+        t.found.append((".command", 'required with provider = "exec", e.g. ["/path/script"]'))
+    t.done()
+    return dns
+
+
+def _base64(value: object) -> str:
+    """A secret as base64 (a TSIG secret); the value is never repeated in the message."""
+    text = _string(value)
+    if text and not re.fullmatch(r"[A-Za-z0-9+/]+=*", text):
+        raise _bad("expected base64 (the secret itself is not shown here)")
+    return text
 
 
 def _eab_key(value: object) -> str:

@@ -135,6 +135,7 @@ class Proxy:
             config.tls,
             acme=config.acme,
             challenges=self.challenges,
+            http_listen=bool(settings.http_listen),
         )
         await asyncio.to_thread(self._certs.load_all)
         pool = UpstreamPool(settings.upstream_connect_timeout)
@@ -307,7 +308,9 @@ class Proxy:
         gone = [key for key in self._open if key not in wanted]
         added, released = await self._bind_new([k for k in wanted if k not in self._open], gone)
         try:
-            await asyncio.to_thread(self._certs.reload, config.sites, config.tls, config.acme)
+            await asyncio.to_thread(
+                self._certs.reload, config.sites, config.tls, config.acme, bool(new.http_listen)
+            )
         except BaseException:
             await self._undo(added, released)
             raise

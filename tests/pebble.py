@@ -101,6 +101,7 @@ class Pebble:
     management_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    dns_host: str = "127.0.0.1"  # with dns_port: the DNS server Pebble's validator asks
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ class Pebble:
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [PEBBLE, "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+                [PEBBLE, "-config", str(config), "-dnsserver", f"{self.dns_host}:{self.dns_port}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -215,6 +216,7 @@ def acme_config(
     https_port: int | None = None,
     storage: Path | None = None,
     server: dict[str, Any] | None = None,
+    acme: dict[str, Any] | None = None,
 ) -> tuple[Path, int]:
     """Write a proxy config using ``pebble`` (its http_listen is Pebble's ``httpPort``)."""
     https_port = https_port or free_port()
@@ -228,7 +230,8 @@ def acme_config(
     config = {
         "server": settings,
         "tls": {"storage": str(storage or directory / "data"), "issuer": "acme"},
-        "acme": {"directory": pebble.url, "ca_bundle": str(pebble.api_ca), "email": "ops@a.test"},
+        "acme": {"directory": pebble.url, "ca_bundle": str(pebble.api_ca), "email": "ops@a.test"}
+        | (acme or {}),
         "sites": [dict(site) for site in sites],
     }
     path = directory / "proxy.toml"

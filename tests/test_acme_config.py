@@ -33,12 +33,40 @@ def test_wildcard_hosts_cannot_be_validated_over_http01() -> None:
     config = parse_config(config_with(hosts=["a.test", "*.apps.a.test"]))
     (problem,) = start_problems(config)
     assert problem.startswith("sites[0].hosts[1]: '*.apps.a.test': a wildcard certificate needs")
-    assert "DNS-01" in problem
+    assert 'add "dns-01" to acme.challenges and configure [acme.dns]' in problem
     # with its own files, or from the internal CA, a wildcard site is fine
     files = config_with(hosts=["*.apps.a.test"], cert="/c.pem", key="/k.pem")
     assert start_problems(parse_config(files)) == []
     internal = config_with(hosts=["*.apps.a.test"]) | {"tls": {"issuer": "internal"}}
     assert start_problems(parse_config(internal)) == []
+
+
+def test_dns01_and_its_table_come_together_and_allow_wildcards() -> None:
+    dns = {"provider": "exec", "command": ["/bin/true"]}
+    both = config_with({"challenges": ["dns-01"], "dns": dns}, hosts=["*.apps.a.test"])
+    assert start_problems(parse_config(both)) == []
+    (problem,) = start_problems(parse_config(config_with({"challenges": ["dns-01"]})))
+    assert problem == 'acme.challenges: "dns-01" needs an [acme.dns] table (provider, ...)'
+    (problem,) = start_problems(parse_config(config_with({"dns": dns})))
+    assert problem.startswith('acme.dns: configured, but acme.challenges does not list "dns-01"')
+
+
+def test_dns_table_problems_name_their_keys_and_never_the_secret() -> None:
+    secret = "not base64 but secret!"
+    data = config_with({"challenges": ["dns-01"], "dns": {"tsig_secret": secret, "zone": 1}})
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data)
+    assert raised.value.problems == [
+        "acme.dns.tsig_secret: expected base64 (the secret itself is not shown here)",
+        "acme.dns.zone: expected a string, got an integer (1)",
+        'acme.dns.server: required with provider = "rfc2136"',
+        'acme.dns.tsig_key: required with provider = "rfc2136"',
+        "acme.dns.tsig_secret: give tsig_secret or tsig_secret_file (one of them)",
+    ]
+    assert secret not in str(raised.value)
+    good = {"server": "ns1.a.test:53", "tsig_key": "k.", "tsig_secret": "c2VjcmV0"}
+    config = parse_config(config_with({"challenges": ["dns-01"], "dns": good}))
+    assert "c2VjcmV0" not in repr(config)  # a logged config never shows the secret
 
 
 def test_external_account_binding_keys() -> None:

@@ -396,3 +396,16 @@ def test_rate_limited_errors_carry_the_cas_retry_after(tmp_path: Path) -> None:
     assert outcome.status == "failed"
     assert outcome.meta is not None and outcome.meta.next_attempt == found.retry_after
     assert renewer.renew(request).status == "fresh"
+
+
+def test_dns01_txt_value_and_record_name_agree_with_the_acme_library() -> None:
+    from acme import challenges
+    from josepy.jwk import JWKEC
+
+    from acme_client.dns01 import record_name, txt_value
+
+    key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+    chall = challenges.DNS01(token=b"0123456789abcdef0123456789abcdef")
+    assert txt_value(chall.key_authorization(key)) == chall.validation(key)
+    assert record_name("*.Apps.Example.test.") == "_acme-challenge.apps.example.test."
+    assert record_name("a.test") == chall.validation_domain_name("a.test") + "."

@@ -27,10 +27,10 @@ from acme_client.records import CertificateRecords
 from acme_client.redis_storage import HEALTH_HOOKS
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
 from acme_client.schedule import renewal_due
-from acme_client.solvers import HTTP01Solver
 from acme_client.storage import Storage
 from proxy import metrics
 from proxy.certs.internal_ca import InternalCA
+from proxy.certs.solvers import solvers_for
 from proxy.certs.store import CertEntry, CertStore, make_entry, safe_name
 from proxy.config import ACMEConfig, Site, TLSConfig
 
@@ -123,7 +123,7 @@ class Plan:
 
     renewer: Renewer | None
     requests: list[CertificateRequest]
-    storage: str = ""
+    key: tuple[ACMEConfig, str, bool] | None = None  # what the renewer is built for
     entries: list[CertEntry] = field(default_factory=list)
     installed: dict[str, str] = field(default_factory=dict)  # site -> serial of stored certs
     temporary: dict[tuple[str, ...], tuple[Site, Path]] = field(default_factory=dict)
@@ -143,11 +143,13 @@ class ACMESites:
         self.load_ca = load_ca
         self.renewer: Renewer | None = None
         self.temporary: dict[tuple[str, ...], tuple[Site, Path]] = {}  # names -> site, storage
-        self._key: tuple[ACMESettings, str] | None = None
+        self._key: tuple[ACMEConfig, str, bool] | None = None  # what the renewer was built for
         self._requests: list[CertificateRequest] = []
         self._unwatch: Callable[[], None] | None = None
 
-    def prepare(self, sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig) -> Plan:
+    def prepare(
+        self, sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig, http_listen: bool = True
+    ) -> Plan:
         """Certificates to install now for ``sites`` (stored or temporary); nothing changes yet.
 
         Blocking (storage reads, the internal CA): call it in a thread from async code.
@@ -157,18 +159,19 @@ class ACMESites:
             return Plan(None, [])
         settings = settings_for(acme)
         renewer = self.renewer
-        if renewer is None or self._key != (settings, tls.storage):
+        key = (acme, tls.storage, http_listen)
+        if renewer is None or self._key != key:
             storage = open_storage(tls.location)
             if tls.location.shared_url:
                 metrics.storage_up(True)  # until Redis says otherwise
             renewer = Renewer(
                 settings,
                 storage,
-                [HTTP01Solver(self.challenges)],
+                solvers_for(acme, self.challenges, http_listen=http_listen),
                 _Sink(self, self.store, acme.directory),
                 on_outcome=metrics.acme_renewal,
             )
-        plan = Plan(renewer, [request_for(s) for s in sites], tls.storage)
+        plan = Plan(renewer, [request_for(s) for s in sites], key)
         for site, request in zip(sites, plan.requests, strict=True):
             if renewer is self.renewer and request in self._requests:
                 continue  # already served: the store has it, the renewer keeps it fresh
@@ -244,7 +247,7 @@ class ACMESites:
         if plan.renewer is None:
             self._key = None
             return
-        self._key = (plan.renewer.settings, plan.storage)
+        self._key = plan.key
         plan.renewer.manage(plan.requests, plan.installed)
 
     async def run(self) -> None:

@@ -320,10 +320,12 @@ class CertificateManager:
         challenges: ChallengeStore | None = None,
         poll_interval: float = POLL_INTERVAL,
         lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+        http_listen: bool = True,
     ) -> None:
         self.store = store
         self.poll_interval = poll_interval
         self.lifetime = lifetime
+        self.http_listen = http_listen  # something answers HTTP-01 (server.http_listen)
         self._sites = tuple(sites)
         self._tls = tls
         self._acme_config = acme or ACMEConfig()
@@ -344,7 +346,11 @@ class CertificateManager:
         self.reload(self._sites, self._tls)
 
     def reload(
-        self, sites: Sequence[Site], tls: TLSConfig | None = None, acme: ACMEConfig | None = None
+        self,
+        sites: Sequence[Site],
+        tls: TLSConfig | None = None,
+        acme: ACMEConfig | None = None,
+        http_listen: bool | None = None,
     ) -> None:
         """Switch to a new site list (SIGHUP): all sources are prepared before any is installed.
 
@@ -353,17 +359,18 @@ class CertificateManager:
         """
         tls = self._tls if tls is None else tls
         acme = self._acme_config if acme is None else acme
+        http_listen = self.http_listen if http_listen is None else http_listen
         with self._lock:
             files, internal = self._sources(sites, tls)
             entries = [s.prepare() for s in files if s.identity not in self._file_ids()]
             entries += [s.prepare() for s in internal if s.entry is None]
-            plan = self.acme.prepare(sites, tls, acme)
+            plan = self.acme.prepare(sites, tls, acme, http_listen)
             for entry in [*entries, *plan.entries]:
                 self.store.install_entry(entry)
             self.store.retain(h for site in sites for h in site.hosts)
             self.acme.commit(plan)
             self._sites, self._tls, self._files, self._internal = tuple(sites), tls, files, internal
-            self._acme_config = acme
+            self._acme_config, self.http_listen = acme, http_listen
 
     def _file_ids(self) -> set[tuple[object, ...]]:
         return {s.identity for s in self._files}
