@@ -45,6 +45,7 @@ class Issued:
     order_url: str
     seconds: float  # how long the order took
     bad_nonces: int  # badNonce answers retried along the way
+    directory: str = ""  # the directory URL of the CA that issued it
 
 
 class Issuer:
@@ -106,7 +107,12 @@ class Issuer:
             net.session.close()
         _check_certificate(chain_pem, key_pem, names)
         return Issued(
-            chain_pem, key_pem, str(order.uri), time.monotonic() - started, net.bad_nonces
+            chain_pem,
+            key_pem,
+            str(order.uri),
+            time.monotonic() - started,
+            net.bad_nonces,
+            self.account.settings.directory,
         )
 
     def _present(
@@ -150,7 +156,9 @@ class Issuer:
             f"{name}: the CA offered {', '.join(offered) or 'none'}; configured: {ours}",
         )
 
-    def renewal_window(self, chain_pem: bytes) -> tuple[datetime, datetime] | None:
+    def renewal_window(
+        self, chain_pem: bytes, directory: str = ""
+    ) -> tuple[datetime, datetime] | None:
         """ARI (RFC 9773): (when to renew, when to ask again), or None if the CA has no ARI."""
         settings = self.account.settings
         net = Network(self.account.key(), verify=settings.ca_bundle or True, timeout=10)

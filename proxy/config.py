@@ -148,6 +148,17 @@ class DNSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """One ``[[acme.issuers]]`` table: a CA to ask, in the order of the list."""
+
+    directory: str
+    email: str = ""  # "" = [acme] email
+    ca_bundle: str = ""
+    eab_kid: str = ""
+    eab_hmac_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ACMEConfig:
     """The ``[acme]`` table: the CA's directory URL, the account contact, extra trust for
     the CA's API, optional External Account Binding, the challenge types in order of
@@ -160,6 +171,18 @@ class ACMEConfig:
     eab_hmac_key: str = ""  # ... and its base64url HMAC key
     challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
     dns: DNSConfig | None = None  # [acme.dns]: needed by "dns-01"
+    issuers: tuple[IssuerConfig, ...] = ()  # tried in order; replaces directory when given
+
+    @property
+    def cas(self) -> tuple[IssuerConfig, ...]:
+        """The CAs to ask, in order: ``issuers``, or the one that ``directory`` names."""
+        if self.issuers:
+            return tuple(dataclasses.replace(i, email=i.email or self.email) for i in self.issuers)
+        return (
+            IssuerConfig(
+                self.directory, self.email, self.ca_bundle, self.eab_kid, self.eab_hmac_key
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,10 +318,18 @@ def _acme_problems(config: Config) -> list[str]:
                     'the dns-01 challenge: add "dns-01" to acme.challenges and configure '
                     "[acme.dns] (or give this site cert and key files)"
                 )
-    bundle = config.acme.ca_bundle
-    if acme_sites and bundle and not os.path.isfile(bundle):
-        problems.append(f"acme.ca_bundle: {bundle!r}: no such file")
+    for key, issuer in _issuer_keys(acme):
+        bundle = issuer.ca_bundle
+        if acme_sites and bundle and not os.path.isfile(bundle):
+            problems.append(f"{key}.ca_bundle: {bundle!r}: no such file")
     return problems
+
+
+def _issuer_keys(acme: ACMEConfig) -> list[tuple[str, IssuerConfig]]:
+    """Each CA with the key its settings are under: ``acme`` or ``acme.issuers[N]``."""
+    if not acme.issuers:
+        return [("acme", acme.cas[0])]
+    return [(f"acme.issuers[{n}]", issuer) for n, issuer in enumerate(acme.cas)]
 
 
 # --- The converter machinery -----------------------------------------------------------------
@@ -672,12 +703,35 @@ def _acme(value: object) -> ACMEConfig:
         eab_hmac_key=t.get("eab_hmac_key", _eab_key, d.eab_hmac_key),
         challenges=t.get("challenges", _challenges, d.challenges),
         dns=t.get("dns", _dns, d.dns),
+        issuers=t.get("issuers", _list_of(_issuer, empty="at least one issuer"), d.issuers),
     )
+    if t.data.get("issuers"):
+        for key in ("directory", "ca_bundle", "eab_kid", "eab_hmac_key"):
+            if key in t.data:
+                t.found.append(
+                    (f".{key}", "not used with [[acme.issuers]]: give it in each issuer")
+                )
     for present, absent in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
         if t.data.get(present) and not t.data.get(absent):
             t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
     t.done()
     return acme
+
+
+def _issuer(value: object) -> IssuerConfig:
+    t = _Table(value, _keys(IssuerConfig))
+    issuer = IssuerConfig(
+        directory=t.get("directory", _directory, "", missing="required: the CA's directory URL"),
+        email=t.get("email", _email, ""),
+        ca_bundle=t.get("ca_bundle", _string, ""),
+        eab_kid=t.get("eab_kid", _string, ""),
+        eab_hmac_key=t.get("eab_hmac_key", _eab_key, ""),
+    )
+    for present, absent in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
+        if t.data.get(present) and not t.data.get(absent):
+            t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
+    t.done()
+    return issuer
 
 
 def _challenges(value: object) -> tuple[str, ...]:

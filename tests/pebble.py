@@ -230,14 +230,25 @@ def acme_config(
     config = {
         "server": settings,
         "tls": {"storage": str(storage or directory / "data"), "issuer": "acme"},
-        "acme": {"directory": pebble.url, "ca_bundle": str(pebble.api_ca), "email": "ops@a.test"}
-        | (acme or {}),
+        "acme": _acme_table(pebble, acme or {}),
         "sites": [dict(site) for site in sites],
     }
     path = directory / "proxy.toml"
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(to_toml(config))
     return path, https_port
+
+
+def _acme_table(pebble: Pebble, extra: dict[str, Any]) -> dict[str, Any]:
+    """``[acme]`` for ``pebble``, with ``extra`` keys; ``issuers`` in ``extra`` replace it."""
+    if "issuers" in extra:
+        return {"email": "ops@a.test"} | extra
+    return {"directory": pebble.url, "ca_bundle": str(pebble.api_ca), "email": "ops@a.test"} | extra
+
+
+def issuer(pebble: Pebble) -> dict[str, str]:
+    """One ``[[acme.issuers]]`` entry for ``pebble``."""
+    return {"directory": pebble.url, "ca_bundle": str(pebble.api_ca)}
 
 
 def start_proxy(config: Path, https_port: int, http_port: int) -> ProxyProcess:

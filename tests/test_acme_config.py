@@ -69,6 +69,24 @@ def test_dns_table_problems_name_their_keys_and_never_the_secret() -> None:
     assert "c2VjcmV0" not in repr(config)  # a logged config never shows the secret
 
 
+def test_issuers_replace_the_single_directory_and_inherit_the_email() -> None:
+    issuers = [{"directory": "https://a.test/dir"}, {"directory": "https://b.test/dir"}]
+    config = parse_config(config_with({"email": "ops@a.test", "issuers": issuers}))
+    assert [(ca.directory, ca.email) for ca in config.acme.cas] == [
+        ("https://a.test/dir", "ops@a.test"),
+        ("https://b.test/dir", "ops@a.test"),
+    ]
+    assert [ca.directory for ca in parse_config(config_with()).acme.cas] == [ACMEConfig().directory]
+    both = config_with({"directory": "https://c.test/dir", "issuers": [{"eab_kid": "k"}]})
+    with pytest.raises(ConfigError) as raised:
+        parse_config(both)
+    assert raised.value.problems == [
+        "acme.issuers[0].directory: required: the CA's directory URL",
+        "acme.issuers[0].eab_hmac_key: missing: eab_kid is set, give both or neither",
+        "acme.directory: not used with [[acme.issuers]]: give it in each issuer",
+    ]
+
+
 def test_external_account_binding_keys() -> None:
     config = parse_config(config_with({"eab_kid": "kid-1", "eab_hmac_key": "zWNDZM6e_-Q="}))
     assert config.acme == ACMEConfig(eab_kid="kid-1", eab_hmac_key="zWNDZM6e_-Q=")

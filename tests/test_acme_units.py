@@ -221,7 +221,9 @@ class FakeIssuer(Issuer):
         chain, key = self.ca.issue(names, self.lifetime)
         return Issued(chain, key, "https://ca.test/order/1", 0.0, 0)
 
-    def renewal_window(self, chain_pem: bytes) -> tuple[datetime, datetime] | None:
+    def renewal_window(
+        self, chain_pem: bytes, directory: str = ""
+    ) -> tuple[datetime, datetime] | None:
         return self.window
 
 

@@ -215,7 +215,7 @@ def _acme_metadata(config: Config) -> dict[str, Metadata]:
     directory = config.tls.location.directory
     if directory is None:
         return {}
-    records = CertificateRecords(FileStorage(directory), config.acme.directory)
+    records = CertificateRecords(FileStorage(directory), config.acme.cas[0].directory)
     found: dict[str, Metadata] = {}
     for site in config.sites:
         if acme_sites.uses_acme(site, config.tls):

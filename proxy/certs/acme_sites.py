@@ -44,14 +44,18 @@ TEMPORARY_CHECK = 60.0  # seconds between checks whether a temporary certificate
 IDLE = 1.0  # seconds between looks for a renewer while no site uses ACME
 
 
-def settings_for(acme: ACMEConfig) -> ACMESettings:
-    return ACMESettings(
-        directory=acme.directory,
-        email=acme.email,
-        ca_bundle=acme.ca_bundle,
-        eab_kid=acme.eab_kid,
-        eab_hmac_key=acme.eab_hmac_key,
-    )
+def settings_for(acme: ACMEConfig) -> list[ACMESettings]:
+    """Each CA to ask, in order (``[[acme.issuers]]``, or ``[acme] directory``)."""
+    return [
+        ACMESettings(
+            directory=ca.directory,
+            email=ca.email,
+            ca_bundle=ca.ca_bundle,
+            eab_kid=ca.eab_kid,
+            eab_hmac_key=ca.eab_hmac_key,
+        )
+        for ca in acme.cas
+    ]
 
 
 def challenge_store_for(tls: TLSConfig) -> ChallengeStore:
@@ -105,15 +109,18 @@ def ca_label(directory: str) -> str:
 
 
 class _Sink:
-    """The certificate store as the renewer's ``CertificateSink``, labelled with the CA."""
+    """The certificate store as the renewer's ``CertificateSink``, labelled with the CA that
+    issued the certificate (its metadata says which, when several are configured)."""
 
-    def __init__(self, owner: ACMESites, store: CertStore, directory: str) -> None:
+    def __init__(self, owner: ACMESites, store: CertStore, records: CertificateRecords) -> None:
         self.owner = owner
         self.store = store
-        self.directory = directory
+        self.records = records
 
     def install(self, names: Sequence[str], chain_pem: bytes, key_pem: bytes) -> None:
-        self.store.install(names, chain_pem, key_pem, issuer="acme", source=self.directory)
+        meta = self.records.meta(safe_name(names[0]))
+        source = meta.directory if meta is not None else self.records.directory_url
+        self.store.install(names, chain_pem, key_pem, issuer="acme", source=source)
         self.owner.temporary.pop(tuple(names), None)
 
 
@@ -168,7 +175,7 @@ class ACMESites:
                 settings,
                 storage,
                 solvers_for(acme, self.challenges, http_listen=http_listen),
-                _Sink(self, self.store, acme.directory),
+                _Sink(self, self.store, CertificateRecords(storage, acme.cas[0].directory)),
                 on_outcome=metrics.acme_renewal,
             )
         plan = Plan(renewer, [request_for(s) for s in sites], key)
@@ -189,7 +196,7 @@ class ACMESites:
                         stored.chain_pem,
                         stored.key_pem,
                         issuer="acme",
-                        source=acme.directory,
+                        source=stored.meta.directory,
                     )
                 )
                 plan.installed[request.site] = stored.info.serial
@@ -294,12 +301,13 @@ class ACMEStatus:
 
 
 def describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> ACMEStatus:
-    records = CertificateRecords(open_storage(tls.location), acme.directory)
+    records = CertificateRecords(open_storage(tls.location), acme.cas[0].directory)
     request = request_for(site)
     meta, stored = records.load(request.site)
     now = datetime.now(UTC)
     current = usable(stored, request.names, now)
-    label = ca_label(acme.directory)
+    issued_by = current.meta.directory if current is not None else acme.cas[0].directory
+    label = ca_label(issued_by)
     retry = meta.next_attempt if meta is not None and meta.failures else None
     error = meta.last_error if meta is not None else None
     if current is None:
