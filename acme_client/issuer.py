@@ -21,6 +21,9 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from acme import challenges, client, errors, messages
+from cryptography.hazmat.primitives import hashes
+from josepy.b64 import b64encode
+from josepy.jwk import JWK
 
 from acme_client.account import Account
 from acme_client.keys import inspect, key_matches, make_csr, new_key_pem
@@ -128,26 +131,24 @@ class Issuer:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # the CA reused an earlier validation
             solver, challb = self._choose(authzr.body)
-            chall = cast(challenges.KeyAuthorizationChallenge, challb.chall)
+            token, key_authorization, response = answer_for(challb, cast(JWK, acme.net.key))
             challenge = Challenge(
                 type=solver.challenge_type,
                 name=authzr.body.identifier.value,
                 wildcard=bool(authzr.body.wildcard),
-                token=chall.encode("token"),
-                key_authorization=chall.key_authorization(acme.net.key),
+                token=token,
+                key_authorization=key_authorization,
             )
             solver.present(challenge)
             presented.append((solver, challenge))
-            answers.append((challb, chall.response(acme.net.key)))
+            answers.append((challb, response))
         return answers
 
     def _choose(self, authz: messages.Authorization) -> tuple[Solver, messages.ChallengeBody]:
         offered = {challenge_type(c): c for c in authz.challenges}
         for solver in self.solvers:
             challb = offered.get(solver.challenge_type)
-            if challb is not None and isinstance(
-                challb.chall, challenges.KeyAuthorizationChallenge
-            ):
+            if challb is not None and _has_token(challb):
                 return solver, challb
         name = ("*." if authz.wildcard else "") + authz.identifier.value
         ours = ", ".join(s.challenge_type for s in self.solvers) or "none"
@@ -260,6 +261,39 @@ def challenge_type(challb: messages.ChallengeBody) -> str:
     if isinstance(chall, challenges.UnrecognizedChallenge):
         return str(chall.jobj.get("type", "unknown"))
     return str(chall.typ)
+
+
+class _KeyAuthorizationResponse(challenges.KeyAuthorizationChallengeResponse):
+    """The answer to a challenge type the library no longer knows (TLS-ALPN-01): an empty
+    JSON object, as for every key-authorization challenge (RFC 8555 7.5.1)."""
+
+    typ = "tls-alpn-01"
+
+
+def _has_token(challb: messages.ChallengeBody) -> bool:
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        return isinstance(chall.jobj.get("token"), str)
+    return isinstance(chall, challenges.KeyAuthorizationChallenge)
+
+
+def answer_for(
+    challb: messages.ChallengeBody, key: JWK
+) -> tuple[str, str, challenges.ChallengeResponse]:
+    """(token, key authorization, response) for a challenge: the library's own for the types
+    it knows, built from the JSON for the others (RFC 8555 8.1: token "." thumbprint)."""
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        token = str(chall.jobj["token"])
+        thumbprint = b64encode(key.thumbprint(hash_function=hashes.SHA256)).decode()
+        key_authorization = f"{token}.{thumbprint}"
+        return (
+            token,
+            key_authorization,
+            _KeyAuthorizationResponse(key_authorization=key_authorization),
+        )
+    known = cast(challenges.KeyAuthorizationChallenge, chall)
+    return known.encode("token"), known.key_authorization(key), known.response(key)
 
 
 def _cleanup(presented: list[tuple[Solver, Challenge]]) -> None:

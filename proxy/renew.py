@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from acme_client.challenges import StorageChallengeStore
 from acme_client.location import open_storage
 from acme_client.renewer import Outcome, Renewer, due_time
+from acme_client.tlsalpn import ALPNChallenges
 from proxy.certs.acme_sites import request_for, settings_for, uses_acme
 from proxy.certs.solvers import solvers_for
 from proxy.certs.store import normalize
@@ -65,7 +66,8 @@ async def _renew(config: Config, sites: list[Site], force: bool) -> int:
     storage = open_storage(config.tls.location)
     challenges = StorageChallengeStore(storage)
     http_listen = bool(config.server.http_listen)
-    solvers = solvers_for(config.acme, challenges, http_listen=http_listen)
+    # TLS-ALPN-01 is answered by a proxy running on https_listen, from the shared storage
+    solvers = solvers_for(config.acme, challenges, ALPNChallenges(storage), http_listen=http_listen)
     http01 = http_listen and "http-01" in config.acme.challenges
     servers = await _listen_http(config, challenges) if http01 else []
     try:

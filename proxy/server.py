@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore
+from acme_client.location import open_storage
+from acme_client.tlsalpn import ALPNChallenges
 from proxy import metrics
 from proxy.admin import status, status_page, worker_status
 from proxy.certs.acme_sites import challenge_store_for
+from proxy.certs.alpn import ALPNChallengeContexts
 from proxy.certs.sources import CertificateManager
 from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
@@ -98,6 +101,7 @@ class Proxy:
         self._context: ssl.SSLContext | None = None  # the TLS listeners' (certificates by SNI)
         self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
         self._certs: CertificateManager | None = None
+        self._alpn: ALPNChallengeContexts | None = None  # TLS-ALPN-01 answers, made on first use
         self._maintenance: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
@@ -181,7 +185,7 @@ class Proxy:
             def client(port: int = address.port) -> ClientConnection:
                 return ClientConnection(runtime, port)
 
-            factory = TLSListener(self._context, self.gate, client)
+            factory = TLSListener(self._context, self.gate, client, self._alpn_challenge)
         else:
 
             def factory() -> PlainHTTPProtocol:
@@ -203,6 +207,18 @@ class Proxy:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {address} ({kind}): {reason}") from None
         return _Open(kind, address, server, connections)
+
+    def _alpn_challenge(self, name: str) -> ssl.SSLContext | None:
+        """TLS-ALPN-01: the challenge context for ``name`` while ACME with tls-alpn-01 is
+        configured (looked up when a ClientHello offers ``acme-tls/1``)."""
+        acme = self.config.acme
+        if self.config.tls.issuer != "acme" or "tls-alpn-01" not in acme.challenges:
+            return None
+        if self._alpn is None:
+            self._alpn = ALPNChallengeContexts(
+                ALPNChallenges(open_storage(self.config.tls.location))
+            )
+        return self._alpn.context_for(name)
 
     def _responder_now(self) -> HTTPResponder:
         assert self._responder is not None

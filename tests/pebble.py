@@ -102,6 +102,7 @@ class Pebble:
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     dns_host: str = "127.0.0.1"  # with dns_port: the DNS server Pebble's validator asks
+    tls_port: int | None = None  # where it validates TLS-ALPN-01 (the proxy's HTTPS port)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ class Pebble:
             "certificate": str(self.directory / "api-cert.pem"),
             "privateKey": str(self.directory / "api-key.pem"),
             "httpPort": self.http_port,
-            "tlsPort": free_port(),
+            "tlsPort": self.tls_port or free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": self.eab_keys is not None,
         }

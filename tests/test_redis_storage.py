@@ -28,6 +28,7 @@ from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_
 from acme_client.renewer import CertificateRequest, Renewer
 from acme_client.solvers import HTTP01Solver
 from acme_client.storage import LockBusy
+from acme_client.tlsalpn import ALPNChallenges
 from proxy.certs.acme_sites import watch_changes
 from tests.support import free_port, stop_process
 from tests.test_acme_units import DIRECTORY, LocalCA, Sink, wait_for
@@ -117,6 +118,17 @@ def test_challenge_tokens_are_shared_and_expire(server: RedisServer) -> None:
     assert 0 < client.ttl(f"tlsproxy:acme/challenges/{TOKEN}") <= 3600
     writer.delete(TOKEN)
     assert reader.get(TOKEN) is None
+
+
+def test_tls_alpn_challenges_are_shared_by_replicas_and_expire(server: RedisServer) -> None:
+    writer = ALPNChallenges(open_storage(server.url))  # the replica that orders
+    reader = ALPNChallenges(open_storage(server.url))  # the replica the CA reaches
+    writer.put("app.test", TOKEN + ".thumb")
+    assert reader.get("app.test") == TOKEN + ".thumb"
+    client = redis.Redis(port=server.port)
+    assert 0 < client.ttl("tlsproxy:acme/challenges/tls-alpn-01/app.test") <= 3600
+    writer.delete("app.test")
+    assert reader.get("app.test") is None
 
 
 def test_lock_is_exclusive_renewed_and_released_by_its_owner(server: RedisServer) -> None:

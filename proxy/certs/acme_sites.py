@@ -28,6 +28,7 @@ from acme_client.redis_storage import HEALTH_HOOKS
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
 from acme_client.schedule import renewal_due
 from acme_client.storage import Storage
+from acme_client.tlsalpn import ALPNChallenges
 from proxy import metrics
 from proxy.certs.internal_ca import InternalCA
 from proxy.certs.solvers import solvers_for
@@ -174,7 +175,9 @@ class ACMESites:
             renewer = Renewer(
                 settings,
                 storage,
-                solvers_for(acme, self.challenges, http_listen=http_listen),
+                solvers_for(
+                    acme, self.challenges, ALPNChallenges(storage), http_listen=http_listen
+                ),
                 _Sink(self, self.store, CertificateRecords(storage, acme.cas[0].directory)),
                 on_outcome=metrics.acme_renewal,
             )

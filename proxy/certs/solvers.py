@@ -2,9 +2,10 @@
 
 ``[acme] challenges`` lists the types; each becomes an ``acme_client`` solver when its
 prerequisites are there, and is skipped with a log line when they are not (HTTP-01 with no
-``http_listen``: nothing would answer the CA). DNS-01's provider and lookups come from
-``[acme.dns]``; its TSIG secret is read here, from the file if it is in one, and goes
-nowhere but into the provider.
+``http_listen``: nothing would answer the CA). TLS-ALPN-01 keys go to shared storage, where
+every process's HTTPS listener finds them (:mod:`proxy.certs.alpn`). DNS-01's provider and
+lookups come from ``[acme.dns]``; its TSIG secret is read here, from the file if it is in
+one, and goes nowhere but into the provider.
 """
 
 from __future__ import annotations
@@ -18,12 +19,19 @@ from acme_client.dnslookup import DNSLookup
 from acme_client.interfaces import ChallengeStore
 from acme_client.rfc2136 import RFC2136Provider
 from acme_client.solvers import HTTP01Solver, Solver
+from acme_client.tlsalpn import ALPNChallenges, TLSALPN01Solver
 from proxy.config import ACMEConfig, DNSConfig
 
 log = logging.getLogger("tlsproxy.certs")
 
 
-def solvers_for(acme: ACMEConfig, challenges: ChallengeStore, *, http_listen: bool) -> list[Solver]:
+def solvers_for(
+    acme: ACMEConfig,
+    challenges: ChallengeStore,
+    alpn: ALPNChallenges | None,
+    *,
+    http_listen: bool,
+) -> list[Solver]:
     """One solver per usable type of ``acme.challenges``, in that order.
 
     Raises ``OSError``/``ValueError`` when ``[acme.dns]``'s secret file cannot be used.
@@ -39,8 +47,8 @@ def solvers_for(acme: ACMEConfig, challenges: ChallengeStore, *, http_listen: bo
             found.append(HTTP01Solver(challenges))
         elif kind == "dns-01" and acme.dns is not None:
             found.append(dns_solver(acme.dns))
-        elif kind == "tls-alpn-01":
-            log.info("acme.challenges: tls-alpn-01 skipped: this version does not answer it yet")
+        elif kind == "tls-alpn-01" and alpn is not None:
+            found.append(TLSALPN01Solver(alpn))
     return found
 
 
