@@ -50,6 +50,7 @@ _PLAIN_HTTP_ANSWER = (
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
 )
 ACME_TLS_ALPN = b"acme-tls/1"  # RFC 8737's ALPN protocol
+_UNRECOGNIZED_NAME_ALERT = b"\x15\x03\x03\x00\x02\x02\x70"  # fatal unrecognized_name (112)
 _SSL_EXTRA = {"ssl_object", "sslcontext", "peercert", "cipher", "compression"}
 
 
@@ -59,10 +60,15 @@ class TLSListener:
 
     ``alpn_challenge`` (TLS-ALPN-01, RFC 8737): given the server name of a ClientHello that
     offers ``acme-tls/1``, the context serving that name's challenge certificate, or None
-    when no challenge is pending for it. Without it no ClientHello is looked at.
+    when no challenge is pending for it.
+
+    ``hold`` (on-demand TLS): given a ClientHello's server name, None to go on at once, or a
+    future the handshake waits for: True, go on (a certificate is installed now); False,
+    refuse with an ``unrecognized_name`` alert. Without either hook no ClientHello is
+    looked at.
     """
 
-    __slots__ = ("alpn_challenge", "app_factory", "context", "gate")
+    __slots__ = ("alpn_challenge", "app_factory", "context", "gate", "hold")
 
     def __init__(
         self,
@@ -70,11 +76,13 @@ class TLSListener:
         gate: Gate,
         app_factory: Callable[[], asyncio.Protocol],
         alpn_challenge: Callable[[str], ssl.SSLContext | None] | None = None,
+        hold: Callable[[str | None], asyncio.Future[bool] | None] | None = None,
     ) -> None:
         self.context = context
         self.gate = gate
         self.app_factory = app_factory
         self.alpn_challenge = alpn_challenge
+        self.hold = hold
 
     def __call__(self) -> TLSConnection:
         return TLSConnection(self)
@@ -123,7 +131,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             return
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._use(self._listener.context)
-        if self._listener.alpn_challenge is not None:
+        if self._listener.alpn_challenge is not None or self._listener.hold is not None:
             self._hello = bytearray()
 
     def _use(self, context: ssl.SSLContext) -> None:
@@ -147,22 +155,63 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         ``acme-tls/1`` for a name with a pending challenge gets the challenge certificate
         (and no application after the handshake). False while the ClientHello is incomplete.
         An ordinary ClientHello costs one substring search: ``acme-tls/1`` is not in it."""
-        hello = self._hello
-        assert hello is not None and self._listener.alpn_challenge is not None
+        hello, listener = self._hello, self._listener
+        assert hello is not None
         hello += data
-        if ACME_TLS_ALPN not in hello and clienthello.complete_in_first_record(hello):
+        if (
+            listener.hold is None
+            and ACME_TLS_ALPN not in hello
+            and clienthello.complete_in_first_record(hello)
+        ):
             self._hello = None
             return True
         found = clienthello.parse(bytes(hello))
         if found == clienthello.NEED_MORE:
             return False
         self._hello = None
-        if isinstance(found, clienthello.ClientHello) and ACME_TLS_ALPN in found.alpn:
-            context = found.server_name and self._listener.alpn_challenge(found.server_name)
-            if context:
+        if not isinstance(found, clienthello.ClientHello):
+            return True
+        alpn_challenge = listener.alpn_challenge
+        if alpn_challenge is not None and ACME_TLS_ALPN in found.alpn and found.server_name:
+            context = alpn_challenge(found.server_name)
+            if context is not None:
                 self._use(context)
                 self._challenge = found.server_name
-        return True
+                return True
+        wait = listener.hold(found.server_name) if listener.hold is not None else None
+        if wait is None:
+            return True
+        self._hold(wait)
+        return False
+
+    def _hold(self, wait: asyncio.Future[bool]) -> None:
+        """On-demand TLS: the ClientHello waits (reading paused) while its certificate is
+        obtained. It leaves the gate's handshake clock meanwhile (the wait has its own
+        bound) and comes back through admission afterwards."""
+        ticket, self._ticket = self._ticket, None
+        assert ticket is not None and self._tcp is not None
+        self._listener.gate.ended(ticket)
+        self._tcp.pause_reading()
+        wait.add_done_callback(self._held)
+
+    def _held(self, wait: asyncio.Future[bool]) -> None:
+        tcp = self._tcp
+        if self._closing or tcp is None:
+            return  # the client gave up
+        self._ticket = self._listener.gate.admit(self)
+        if self._ticket is None:
+            self._closing = True
+            tcp.abort()
+            return
+        tcp.resume_reading()
+        if not wait.cancelled() and wait.result():
+            self._handshake()
+            return
+        ticket, self._ticket = self._ticket, None
+        self._listener.gate.ended(ticket, "unknown_sni")
+        self._closing = True
+        tcp.write(_UNRECOGNIZED_NAME_ALERT)
+        tcp.close()
 
     def eof_received(self) -> bool:
         app = self._app
