@@ -311,6 +311,12 @@ class Renewer:
                 self._managed[site].installed = installed[site]
         self._wake()
 
+    def add(self, request: CertificateRequest, installed: str | None = None) -> None:
+        """Maintain one more certificate from now on (an on-demand name), keeping the others."""
+        if request.site not in self._managed:
+            self._managed[request.site] = _Managed(request, installed=installed)
+            self._wake()
+
     def action_at(self, managed: _Managed, now: datetime) -> datetime:
         """When this process should next try to order for ``managed``."""
         certificate = usable(managed.certificate, managed.request.names, now)

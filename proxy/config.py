@@ -74,6 +74,7 @@ class Site:
     cert: str | None = None  # PEM chain file; with `key`, overrides [tls].issuer
     key: str | None = None
     hsts: str | None = None  # Strict-Transport-Security value added to responses
+    on_demand: bool = False  # certificates at the first handshake for names `hosts` matches
 
     @property
     def name(self) -> str:
@@ -111,12 +112,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OnDemandConfig:
+    """``[tls.on_demand]``: who decides which names get a certificate at their first
+    handshake (``GET ask?domain=NAME``, 2xx = yes)."""
+
+    ask: str
+
+
+@dataclass(frozen=True, slots=True)
 class TLSConfig:
     """The ``[tls]`` table: ``storage`` (certificates, keys, account, internal CA) and the
     ``issuer`` for sites without cert/key files."""
 
     storage: str = "./tlsproxy-data"
     issuer: Literal["acme", "internal"] = "acme"
+    on_demand: OnDemandConfig | None = None  # needed by sites with on_demand = true
     location: StorageLocation = field(init=False, repr=False, compare=False)  # storage, parsed
 
     def __post_init__(self) -> None:
@@ -275,6 +285,7 @@ def start_problems(config: Config) -> list[str]:
             "every site cert and key files"
         )
     problems += _acme_problems(config)
+    problems += _on_demand_problems(config)
     admin = config.server.admin_listen
     if admin is not None and not _loopback(admin.host) and not config.server.admin_token:
         problems.append(
@@ -311,6 +322,8 @@ def _acme_problems(config: Config) -> list[str]:
         if site.cert is None and site.key is None
     ]
     for index, site in acme_sites:
+        if site.on_demand:
+            continue  # its hosts are patterns: each name gets a certificate of its own
         for position, host in enumerate(site.hosts):
             if host.startswith("*.") and "dns-01" not in acme.challenges:
                 problems.append(
@@ -322,6 +335,25 @@ def _acme_problems(config: Config) -> list[str]:
         bundle = issuer.ca_bundle
         if acme_sites and bundle and not os.path.isfile(bundle):
             problems.append(f"{key}.ca_bundle: {bundle!r}: no such file")
+    return problems
+
+
+def _on_demand_problems(config: Config) -> list[str]:
+    """On-demand sites get ACME certificates, and someone must say which names may have one."""
+    problems = []
+    for index, site in enumerate(config.sites):
+        if not site.on_demand:
+            continue
+        if config.tls.on_demand is None:
+            problems.append(
+                f"sites[{index}].on_demand: needs [tls.on_demand] ask = URL (which names may "
+                "get a certificate; without it anyone could make us order for any name)"
+            )
+        if config.tls.issuer != "acme" or site.cert is not None or site.key is not None:
+            problems.append(
+                f'sites[{index}].on_demand: certificates come from ACME: issuer = "acme" in '
+                "[tls], and no cert/key files on this site"
+            )
     return problems
 
 
@@ -605,6 +637,12 @@ def _upstream(value: object) -> Upstream:
     return Upstream(host, port or 80)
 
 
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _header_value(value: object) -> str:
     text = _nonempty(value)
     if not (text.isascii() and text.isprintable()):
@@ -645,6 +683,7 @@ def _route_path(value: object) -> str:
 # --- Tables ----------------------------------------------------------------------------------
 
 _hosts = _list_of(_host, empty="at least one host is needed")
+_patterns = _list_of(lambda v: "*" if v == "*" else _host(v), empty="at least one host is needed")
 _upstreams = _list_of(_upstream, empty="at least one upstream is needed")
 
 
@@ -683,11 +722,32 @@ def _server(value: object) -> ServerConfig:
     return server
 
 
+def _on_demand(value: object) -> OnDemandConfig:
+    t = _Table(value, _keys(OnDemandConfig))
+    config = OnDemandConfig(ask=t.get("ask", _ask_url, "", missing="required: the ask URL"))
+    t.done()
+    return config
+
+
+def _ask_url(value: object) -> str:
+    """The ask endpoint: an http(s) URL without a query (``?domain=NAME`` is appended)."""
+    text = _string(value)
+    try:
+        url = urlsplit(text)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and not url.query
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _bad(f"expected a URL such as 'http://127.0.0.1:9000/allowed', got {text!r}")
+    return text
+
+
 def _tls(value: object) -> TLSConfig:
     t, d = _Table(value, _keys(TLSConfig)), TLSConfig()
     tls = TLSConfig(
         storage=t.get("storage", _nonempty, d.storage),
         issuer=t.get("issuer", _one_of("acme", "internal"), d.issuer),
+        on_demand=t.get("on_demand", _on_demand, d.on_demand),
     )
     t.done()
     return tls
@@ -818,7 +878,12 @@ def _routes(value: object) -> tuple[Route, ...]:
 def _site(value: object) -> Site:
     t = _Table(value, _keys(Site))
     site = Site(
-        hosts=t.get("hosts", _hosts, (), missing="required: the names this site answers to"),
+        hosts=t.get(
+            "hosts",
+            _patterns if t.data.get("on_demand") is True else _hosts,
+            (),
+            missing="required: the names this site answers to",
+        ),
         upstreams=t.get(
             "upstreams",
             _upstreams,
@@ -829,6 +894,7 @@ def _site(value: object) -> Site:
         cert=t.get("cert", _nonempty, None),
         key=t.get("key", _nonempty, None),
         hsts=t.get("hsts", _header_value, None),
+        on_demand=t.get("on_demand", _boolean, False),
     )
     for present, absent in (("cert", "key"), ("key", "cert")):
         if present in t.data and absent not in t.data:

@@ -27,6 +27,7 @@ from proxy import metrics
 from proxy.admin import status, status_page, worker_status
 from proxy.certs.acme_sites import challenge_store_for
 from proxy.certs.alpn import ALPNChallengeContexts
+from proxy.certs.on_demand import OnDemand
 from proxy.certs.sources import CertificateManager
 from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
@@ -102,6 +103,8 @@ class Proxy:
         self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
         self._certs: CertificateManager | None = None
         self._alpn: ALPNChallengeContexts | None = None  # TLS-ALPN-01 answers, made on first use
+        self._on_demand: OnDemand | None = None  # when a site has on_demand = true
+        self._tls_listeners: list[TLSListener] = []  # their hold hook follows reloads
         self._maintenance: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
@@ -142,6 +145,7 @@ class Proxy:
             http_listen=bool(settings.http_listen),
         )
         await asyncio.to_thread(self._certs.load_all)
+        self._set_on_demand(config)
         pool = UpstreamPool(settings.upstream_connect_timeout)
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
         self._runtime = runtime = Runtime(settings, Router(config.sites, pool), pool, access_log)
@@ -186,6 +190,8 @@ class Proxy:
                 return ClientConnection(runtime, port)
 
             factory = TLSListener(self._context, self.gate, client, self._alpn_challenge)
+            factory.hold = self._on_demand_hold()
+            self._tls_listeners.append(factory)
         else:
 
             def factory() -> PlainHTTPProtocol:
@@ -219,6 +225,24 @@ class Proxy:
                 ALPNChallenges(open_storage(self.config.tls.location))
             )
         return self._alpn.context_for(name)
+
+    def _on_demand_hold(self) -> Callable[[str | None], asyncio.Future[bool] | None] | None:
+        """The TLS listeners' hold hook: on-demand's, when configured (else no ClientHello
+        needs to be read for it)."""
+        return self._on_demand.hold if self._on_demand is not None else None
+
+    def _set_on_demand(self, config: Config) -> None:
+        """On-demand TLS for ``config`` (None without on-demand sites), on every listener."""
+        assert self._certs is not None
+        ask = config.tls.on_demand
+        wanted = ask is not None and any(site.on_demand for site in config.sites)
+        self._on_demand = (
+            OnDemand(self.cert_store, config.sites, ask.ask, self._certs.acme.obtain_on_demand)
+            if wanted and ask is not None
+            else None
+        )
+        for listener in self._tls_listeners:
+            listener.hold = self._on_demand_hold()
 
     def _responder_now(self) -> HTTPResponder:
         assert self._responder is not None
@@ -339,6 +363,7 @@ class Proxy:
         runtime.router = Router(config.sites, runtime.pool)
         self._responder = HTTPResponder(self.challenges, lambda: runtime.router, new.https_port)
         self.config = config
+        self._set_on_demand(config)
         for key in gone:
             opened = self._open.pop(key)
             if key not in released:

@@ -218,6 +218,7 @@ def acme_config(
     storage: Path | None = None,
     server: dict[str, Any] | None = None,
     acme: dict[str, Any] | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> tuple[Path, int]:
     """Write a proxy config using ``pebble`` (its http_listen is Pebble's ``httpPort``)."""
     https_port = https_port or free_port()
@@ -230,7 +231,7 @@ def acme_config(
     } | (server or {})
     config = {
         "server": settings,
-        "tls": {"storage": str(storage or directory / "data"), "issuer": "acme"},
+        "tls": {"storage": str(storage or directory / "data"), "issuer": "acme"} | (tls or {}),
         "acme": _acme_table(pebble, acme or {}),
         "sites": [dict(site) for site in sites],
     }

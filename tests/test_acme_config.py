@@ -143,3 +143,35 @@ def test_renew_with_no_acme_site_has_nothing_to_do(tmp_path: Path) -> None:
     result = tlsproxy("renew", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stdout
+
+
+def test_on_demand_sites_need_the_ask_endpoint_and_acme() -> None:
+    site = {"hosts": ["*"], "upstreams": UPSTREAM, "on_demand": True}
+    config = parse_config({"sites": [site], "tls": {"on_demand": {"ask": "http://127.0.0.1:9/a"}}})
+    assert start_problems(config) == []
+    (problem,) = start_problems(parse_config({"sites": [site]}))
+    assert problem.startswith("sites[0].on_demand: needs [tls.on_demand] ask = URL")
+    internal = {"sites": [site], "tls": {"issuer": "internal", "on_demand": {"ask": "http://a/"}}}
+    (problem,) = start_problems(parse_config(internal))
+    assert problem.startswith('sites[0].on_demand: certificates come from ACME: issuer = "acme"')
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"sites": [{"hosts": ["*"], "upstreams": UPSTREAM}]})
+    assert raised.value.problems[0].startswith("sites[0].hosts[0]: '*'")
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"sites": [site], "tls": {"on_demand": {"ask": "http://a/?x=1"}}})
+    assert raised.value.problems == [
+        "tls.on_demand.ask: expected a URL such as 'http://127.0.0.1:9000/allowed', "
+        "got 'http://a/?x=1'"
+    ]
+
+
+def test_on_demand_patterns_and_names() -> None:
+    from proxy.certs.on_demand import acceptable, matches
+
+    assert matches("*", "anything.example")
+    assert matches("*.customers.test", "a.customers.test")
+    assert not matches("*.customers.test", "a.b.customers.test")  # one label, as routing
+    assert not matches("*.customers.test", "customers.test")
+    assert acceptable("app.customer.com")
+    for name in ("nodots", "10.0.0.1", "bad_name.test", "-a.test", "a..test", "x" * 64 + ".test"):
+        assert not acceptable(name), name

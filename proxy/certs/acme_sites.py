@@ -23,6 +23,7 @@ from acme_client.account import ACMESettings
 from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
 from acme_client.location import open_storage
+from acme_client.ondemand_index import OnDemandIndex
 from acme_client.records import CertificateRecords
 from acme_client.redis_storage import HEALTH_HOOKS
 from acme_client.renewer import CertificateRequest, Renewer, due_time, usable
@@ -43,6 +44,7 @@ TEMPORARY_LIFETIME = timedelta(days=7)
 TEMPORARY_SOURCE = "temporary: waiting for the ACME certificate"
 TEMPORARY_CHECK = 60.0  # seconds between checks whether a temporary certificate needs renewing
 IDLE = 1.0  # seconds between looks for a renewer while no site uses ACME
+LOCK_WAIT = 50.0  # seconds an on-demand order waits while another process orders that name
 
 
 def settings_for(acme: ACMEConfig) -> list[ACMESettings]:
@@ -97,7 +99,8 @@ def watch_changes(storage: Storage, renewer: Renewer) -> Callable[[], None] | No
 
 
 def uses_acme(site: Site, tls: TLSConfig) -> bool:
-    return tls.issuer == "acme" and site.cert is None and site.key is None
+    """A site whose hosts get one ACME certificate (on-demand sites' names get one each)."""
+    return tls.issuer == "acme" and site.cert is None and site.key is None and not site.on_demand
 
 
 def request_for(site: Site) -> CertificateRequest:
@@ -135,6 +138,11 @@ class Plan:
     entries: list[CertEntry] = field(default_factory=list)
     installed: dict[str, str] = field(default_factory=dict)  # site -> serial of stored certs
     temporary: dict[tuple[str, ...], tuple[Site, Path]] = field(default_factory=dict)
+    on_demand: bool = False  # an on-demand site is configured
+    keep: list[str] = field(default_factory=list)  # names served beyond the sites' hosts
+
+
+PLACEHOLDER = "on-demand.invalid"  # the default certificate's name when only on-demand sites
 
 
 class ACMESites:
@@ -154,6 +162,7 @@ class ACMESites:
         self._key: tuple[ACMEConfig, str, bool] | None = None  # what the renewer was built for
         self._requests: list[CertificateRequest] = []
         self._unwatch: Callable[[], None] | None = None
+        self.demanded: set[str] = set()  # names this process obtained on demand
 
     def prepare(
         self, sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig, http_listen: bool = True
@@ -162,8 +171,9 @@ class ACMESites:
 
         Blocking (storage reads, the internal CA): call it in a thread from async code.
         """
+        on_demand = tls.issuer == "acme" and any(s.on_demand for s in sites)
         sites = [s for s in sites if uses_acme(s, tls)]
-        if not sites:
+        if not sites and not on_demand:
             return Plan(None, [])
         settings = settings_for(acme)
         renewer = self.renewer
@@ -181,8 +191,10 @@ class ACMESites:
                 _Sink(self, self.store, CertificateRecords(storage, acme.cas[0].directory)),
                 on_outcome=metrics.acme_renewal,
             )
-        plan = Plan(renewer, [request_for(s) for s in sites], key)
-        for site, request in zip(sites, plan.requests, strict=True):
+        demanded = [Site((n,), ()) for n in self._demanded(renewer)] if on_demand else []
+        plan = Plan(renewer, [request_for(s) for s in [*sites, *demanded]], key)
+        plan.on_demand, plan.keep = on_demand, [s.name for s in demanded]
+        for site, request in zip([*sites, *demanded], plan.requests, strict=True):
             if renewer is self.renewer and request in self._requests:
                 continue  # already served: the store has it, the renewer keeps it fresh
             try:
@@ -211,10 +223,39 @@ class ACMESites:
                     _iso(stored.info.not_after),
                     _iso(due_time(stored)),
                 )
-            elif not self._serving(site):
+            elif site not in demanded and not self._serving(site):
                 plan.entries.append(self._temporary(site, local_directory(tls)))
                 plan.temporary[site.hosts] = (site, local_directory(tls))
+        if on_demand and not plan.entries and self.store.default is None:
+            placeholder = Site((PLACEHOLDER,), ())  # for clients that send no server name
+            plan.entries.append(self._temporary(placeholder, local_directory(tls)))
+            plan.temporary[placeholder.hosts] = (placeholder, local_directory(tls))
+            plan.keep.append(PLACEHOLDER)
         return plan
+
+    def _demanded(self, renewer: Renewer) -> list[str]:
+        """The names that got a certificate on demand (in storage: every process's)."""
+        return OnDemandIndex(renewer.records.storage).names()
+
+    async def obtain_on_demand(self, name: str) -> bool:
+        """Get ``name`` a certificate (stored, or ordered now) and serve it; True when it is
+        installed. From then on it is renewed and listed like a site's."""
+        renewer = self.renewer
+        if renewer is None:
+            return False
+        request = CertificateRequest(safe_name(name), (name,))
+        outcome = await asyncio.to_thread(renewer.renew, request, lock_timeout=LOCK_WAIT)
+        certificate = outcome.certificate
+        if certificate is None or renewer is not self.renewer:
+            return False
+        source = certificate.meta.directory
+        chain, key = certificate.chain_pem, certificate.key_pem
+        await asyncio.to_thread(self.store.install, (name,), chain, key, source=source)
+        renewer.add(request, certificate.info.serial)
+        self.demanded.add(name)
+        await asyncio.to_thread(OnDemandIndex(renewer.records.storage).add, name)
+        log.info("on-demand certificate for %s: serving serial %s", name, certificate.info.serial)
+        return True
 
     def _serving(self, site: Site) -> bool:
         """A reload that changes the CA keeps the current ACME certificate until the new CA

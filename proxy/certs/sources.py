@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 
 from acme_client import schedule
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from acme_client.location import open_storage
+from acme_client.ondemand_index import OnDemandIndex
 from proxy.certs import acme_sites
 from proxy.certs.internal_ca import DEFAULT_LEAF_LIFETIME, InternalCA, InternalCAError
 from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
@@ -253,8 +255,21 @@ class CertificateStatus:
 def describe_certificates(
     sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig | None = None
 ) -> list[CertificateStatus]:
-    """What each site would serve now; never creates or issues anything."""
-    return [_describe(site, tls, acme or ACMEConfig()) for site in sites]
+    """What each site would serve now, then each name that got a certificate on demand
+    (one row per :func:`certificate_sites` entry); never creates or issues anything."""
+    return [_describe(site, tls, acme or ACMEConfig()) for site in certificate_sites(sites, tls)]
+
+
+def certificate_sites(sites: Sequence[Site], tls: TLSConfig) -> list[Site]:
+    """The sites, then one per on-demand name in storage (its certificate is its own)."""
+    if tls.issuer != "acme" or not any(site.on_demand for site in sites):
+        return list(sites)
+    try:
+        names = OnDemandIndex(open_storage(tls.location)).names()
+    except Exception as exc:  # Redis unreachable: the configured sites still get their rows
+        log.warning("on-demand names unreadable: %s", exc)
+        names = []
+    return [*sites, *(Site((name,), ()) for name in names)]
 
 
 def _describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> CertificateStatus:
@@ -367,7 +382,8 @@ class CertificateManager:
             plan = self.acme.prepare(sites, tls, acme, http_listen)
             for entry in [*entries, *plan.entries]:
                 self.store.install_entry(entry)
-            self.store.retain(h for site in sites for h in site.hosts)
+            kept = [*plan.keep, *(self.acme.demanded if plan.on_demand else ())]
+            self.store.retain([*(h for site in sites for h in site.hosts), *kept])
             self.acme.commit(plan)
             self._sites, self._tls, self._files, self._internal = tuple(sites), tls, files, internal
             self._acme_config, self.http_listen = acme, http_listen

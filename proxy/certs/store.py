@@ -202,6 +202,11 @@ class CertStore:
                 return context
         return snapshot.default.context if snapshot.default is not None else None
 
+    def covers(self, server_name: str) -> bool:
+        """Whether a certificate is installed for the name, exactly or by wildcard (the
+        default certificate does not count)."""
+        return _match(self._snapshot.contexts, normalize(server_name)) is not None
+
     def get(self, name: str) -> CertEntry | None:
         """The entry installed under exactly ``name`` (no wildcard or default fallback)."""
         return self._snapshot.entries.get(normalize(name))
