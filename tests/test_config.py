@@ -369,7 +369,8 @@ def test_a_bad_value_is_named_by_its_key(toml: str, expected: str) -> None:
         ),
         (
             {"tls": "internal"},
-            "sites[0]: unknown key 'tls' (allowed: hosts, upstreams, routes, cert, key, hsts, on_demand)",
+            "sites[0]: unknown key 'tls' "
+            "(allowed: hosts, upstreams, routes, cert, key, hsts, on_demand)",
         ),
     ],
 )

@@ -42,7 +42,6 @@ if metrics.storage_up not in HEALTH_HOOKS:
 
 TEMPORARY_LIFETIME = timedelta(days=7)
 TEMPORARY_SOURCE = "temporary: waiting for the ACME certificate"
-TEMPORARY_CHECK = 60.0  # seconds between checks whether a temporary certificate needs renewing
 IDLE = 1.0  # seconds between looks for a renewer while no site uses ACME
 LOCK_WAIT = 50.0  # seconds an on-demand order waits while another process orders that name
 
@@ -303,11 +302,6 @@ class ACMESites:
 
     async def run(self) -> None:
         """Run the current renewer (and its successors after reloads) until cancelled."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._run_renewers())
-            group.create_task(self._keep_temporaries())
-
-    async def _run_renewers(self) -> None:
         while True:
             renewer = self.renewer
             if renewer is None:
@@ -315,23 +309,29 @@ class ACMESites:
                 continue
             await renewer.run()  # returns once a reload has replaced (closed) it
 
-    async def _keep_temporaries(self) -> None:
-        """A temporary certificate outlives a long CA outage: re-issue it before it expires."""
-        while True:
-            await asyncio.sleep(TEMPORARY_CHECK)
-            now = datetime.now(UTC)
-            for names, (site, storage) in list(self.temporary.items()):
-                entry = self.store.get(names[0])
-                if entry is None or entry.source != TEMPORARY_SOURCE:
-                    continue
-                if now >= renewal_due(entry.not_before, entry.not_after):
-                    try:
-                        new = await asyncio.to_thread(self._temporary, site, storage)
-                    except Exception:
-                        log.exception("site %s: temporary certificate failed", site.name)
-                        continue
-                    if names in self.temporary:
-                        self.store.install_entry(new)
+    def temporary_due(self, now: datetime) -> bool:
+        """Whether a temporary certificate still served is due for a re-issue."""
+        return any(self._due_temporary(names, now) for names in list(self.temporary))
+
+    def _due_temporary(self, names: tuple[str, ...], now: datetime) -> bool:
+        entry = self.store.get(names[0])
+        if entry is None or entry.source != TEMPORARY_SOURCE:
+            return False
+        return now >= renewal_due(entry.not_before, entry.not_after)
+
+    def keep_temporaries(self, now: datetime) -> None:
+        """A temporary certificate outlives a long CA outage: re-issued when due (blocking;
+        the certificate manager's maintenance pass calls it with the files and leaves)."""
+        for names, (site, storage) in list(self.temporary.items()):
+            if not self._due_temporary(names, now):
+                continue
+            try:
+                new = self._temporary(site, storage)
+            except Exception:
+                log.exception("site %s: temporary certificate failed", site.name)
+                continue
+            if names in self.temporary:
+                self.store.install_entry(new)
 
 
 @dataclass(frozen=True, slots=True)

@@ -425,7 +425,8 @@ class CertificateManager:
         return self._ca
 
     def tick(self, now: datetime | None = None) -> None:
-        """One maintenance pass: re-read changed files, re-issue due internal leaves."""
+        """One maintenance pass: re-read changed files, re-issue due internal leaves and
+        temporary certificates."""
         now = datetime.now(UTC) if now is None else now
         with self._lock:
             for source in self._files:
@@ -439,19 +440,21 @@ class CertificateManager:
                         leaf.renew(now)
                     except Exception:
                         log.exception("site %s: internal re-issue failed", leaf.site.name)
+            self.acme.keep_temporaries(now)
 
     async def run(self) -> None:
-        """Maintain certificates until cancelled: files and internal leaves here, ACME sites
-        in their renewer."""
+        """Maintain certificates until cancelled: files, internal leaves and temporary
+        certificates in one loop here, ACME certificates in their renewer's."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._run_local())
             group.create_task(self.acme.run())
 
     async def _run_local(self) -> None:
-        """Files every ``poll_interval`` seconds, internal leaves when due."""
+        """Files every ``poll_interval`` seconds; internal leaves and temporaries when due."""
         while True:
             now = datetime.now(UTC)
-            if self._files or any(leaf.due <= now for leaf in self._internal):
+            due = any(leaf.due <= now for leaf in self._internal) or self.acme.temporary_due(now)
+            if self._files or due:
                 await asyncio.to_thread(self.tick, now)
             await asyncio.sleep(self._sleep_time())
 
