@@ -1,8 +1,9 @@
-"""One certificate order over HTTP-01, driven step by step so that it is brisk and bounded.
+"""One certificate order, driven step by step so that it is brisk and bounded.
 
-new order -> for each pending authorization: the HTTP-01 key authorization goes into the
-:class:`ChallengeStore` (the port-80 listener answers it), the challenge is answered ->
-poll every 0.1-0.5 s (the library sleeps whole seconds) until valid -> finalize with a CSR
+new order -> for each pending authorization the first solver (:mod:`acme_client.solvers`, in
+order of preference) whose challenge type the CA offers publishes its answer -> every solver
+waits until the CA can see it -> the challenges are answered -> poll every 0.1-0.5 s (the
+library sleeps whole seconds) until valid -> the answers are removed -> finalize with a CSR
 for a fresh P-256 key -> poll the order -> download the full chain.
 
 Synchronous (the ``acme`` library is): callers run :meth:`Issuer.obtain` in a thread. Every
@@ -20,11 +21,14 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from acme import challenges, client, errors, messages
+from cryptography.hazmat.primitives import hashes
+from josepy.b64 import b64encode
+from josepy.jwk import JWK
 
 from acme_client.account import Account
-from acme_client.interfaces import ChallengeStore
 from acme_client.keys import inspect, key_matches, make_csr, new_key_pem
 from acme_client.network import ACMEFailure, Network, failure, validation_failure
+from acme_client.solvers import Challenge, Solver
 
 log = logging.getLogger("tlsproxy.acme")
 
@@ -44,6 +48,7 @@ class Issued:
     order_url: str
     seconds: float  # how long the order took
     bad_nonces: int  # badNonce answers retried along the way
+    directory: str = ""  # the directory URL of the CA that issued it
 
 
 class Issuer:
@@ -52,14 +57,14 @@ class Issuer:
     def __init__(
         self,
         account: Account,
-        challenge_store: ChallengeStore,
+        solvers: Sequence[Solver],
         *,
         timeout: float = ORDER_TIMEOUT,
         poll_first: float = POLL_FIRST,
         poll_max: float = POLL_MAX,
     ) -> None:
         self.account = account
-        self.challenges = challenge_store
+        self.solvers = tuple(solvers)  # in order of preference
         self.timeout = timeout
         self.poll_first = poll_first
         self.poll_max = poll_max
@@ -77,20 +82,25 @@ class Issuer:
 
     def _obtain(self, names: Sequence[str], cancel: threading.Event | None) -> Issued:
         started = time.monotonic()
-        flow = _Flow(self, started + self.timeout, cancel)
         acme = self.account.connect()
         net = cast(Network, acme.net)
         try:
             key_pem = new_key_pem()
             order = acme.new_order(make_csr(key_pem, names))
             log.debug("order %s for %s", order.uri, ", ".join(names))
-            tokens: list[str] = []
+            presented: list[tuple[Solver, Challenge]] = []
             try:
-                pending = self._answer(acme, order, tokens)
+                answers = self._present(acme, order, presented)
+                for solver, challenge in presented:  # the CA must not look before it can see
+                    solver.wait(challenge, cancel)
+                flow = _Flow(self, time.monotonic() + self.timeout, cancel)
+                for challb, response in answers:
+                    acme.answer_challenge(challb, response)
+                valid = messages.STATUS_VALID
+                pending = [a for a in order.authorizations if a.body.status != valid]
                 flow.wait_for_authorizations(acme, pending)
             finally:
-                for token in tokens:
-                    self.challenges.delete(token)
+                _cleanup(presented)
             chain_pem = flow.finalize(acme, order).encode()
         except ACMEFailure:
             raise
@@ -100,33 +110,56 @@ class Issuer:
             net.session.close()
         _check_certificate(chain_pem, key_pem, names)
         return Issued(
-            chain_pem, key_pem, str(order.uri), time.monotonic() - started, net.bad_nonces
+            chain_pem,
+            key_pem,
+            str(order.uri),
+            time.monotonic() - started,
+            net.bad_nonces,
+            self.account.settings.directory,
         )
 
-    def _answer(
-        self, acme: client.ClientV2, order: messages.OrderResource, tokens: list[str]
-    ) -> list[messages.AuthorizationResource]:
-        """Publish and answer the HTTP-01 challenge of every authorization not yet valid."""
-        pending = []
+    def _present(
+        self,
+        acme: client.ClientV2,
+        order: messages.OrderResource,
+        presented: list[tuple[Solver, Challenge]],
+    ) -> list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]]:
+        """Publish a challenge for every authorization not yet valid, each with the first
+        solver (in order of preference) whose type the CA offers; what to answer."""
+        answers = []
         for authzr in order.authorizations:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # the CA reused an earlier validation
-            name = authzr.body.identifier.value
-            challb = next(
-                (c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
+            solver, challb = self._choose(authzr.body)
+            token, key_authorization, response = answer_for(challb, cast(JWK, acme.net.key))
+            challenge = Challenge(
+                type=solver.challenge_type,
+                name=authzr.body.identifier.value,
+                wildcard=bool(authzr.body.wildcard),
+                token=token,
+                key_authorization=key_authorization,
             )
-            if challb is None:
-                offered = ", ".join(str(c.chall.typ) for c in authzr.body.challenges) or "none"
-                raise ACMEFailure("no http-01 challenge", f"{name}: the CA offered {offered}")
-            response, key_authorization = challb.response_and_validation(acme.net.key)
-            token = challb.chall.encode("token")
-            self.challenges.put(token, key_authorization)
-            tokens.append(token)
-            acme.answer_challenge(challb, response)
-            pending.append(authzr)
-        return pending
+            solver.present(challenge)
+            presented.append((solver, challenge))
+            answers.append((challb, response))
+        return answers
 
-    def renewal_window(self, chain_pem: bytes) -> tuple[datetime, datetime] | None:
+    def _choose(self, authz: messages.Authorization) -> tuple[Solver, messages.ChallengeBody]:
+        offered = {challenge_type(c): c for c in authz.challenges}
+        for solver in self.solvers:
+            challb = offered.get(solver.challenge_type)
+            if challb is not None and _has_token(challb):
+                return solver, challb
+        name = ("*." if authz.wildcard else "") + authz.identifier.value
+        ours = ", ".join(s.challenge_type for s in self.solvers) or "none"
+        raise ACMEFailure(
+            "no usable challenge",
+            f"{name}: the CA offered {', '.join(offered) or 'none'}; configured: {ours}",
+        )
+
+    def renewal_window(
+        self, chain_pem: bytes, directory: str = ""
+    ) -> tuple[datetime, datetime] | None:
         """ARI (RFC 9773): (when to renew, when to ask again), or None if the CA has no ARI."""
         settings = self.account.settings
         net = Network(self.account.key(), verify=settings.ca_bundle or True, timeout=10)
@@ -219,6 +252,57 @@ class _Flow:
             self.sleep(net)
             response = net.post(order.uri, None, new_nonce_url=new_nonce)
             order = order.update(body=messages.Order.from_json(response.json()))
+
+
+def challenge_type(challb: messages.ChallengeBody) -> str:
+    """``http-01``, ``dns-01``, ...: also for types the library does not know (its
+    ``UnrecognizedChallenge`` keeps the JSON, type included)."""
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        return str(chall.jobj.get("type", "unknown"))
+    return str(chall.typ)
+
+
+class _KeyAuthorizationResponse(challenges.KeyAuthorizationChallengeResponse):
+    """The answer to a challenge type the library no longer knows (TLS-ALPN-01): an empty
+    JSON object, as for every key-authorization challenge (RFC 8555 7.5.1)."""
+
+    typ = "tls-alpn-01"
+
+
+def _has_token(challb: messages.ChallengeBody) -> bool:
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        return isinstance(chall.jobj.get("token"), str)
+    return isinstance(chall, challenges.KeyAuthorizationChallenge)
+
+
+def answer_for(
+    challb: messages.ChallengeBody, key: JWK
+) -> tuple[str, str, challenges.ChallengeResponse]:
+    """(token, key authorization, response) for a challenge: the library's own for the types
+    it knows, built from the JSON for the others (RFC 8555 8.1: token "." thumbprint)."""
+    chall = challb.chall
+    if isinstance(chall, challenges.UnrecognizedChallenge):
+        token = str(chall.jobj["token"])
+        thumbprint = b64encode(key.thumbprint(hash_function=hashes.SHA256)).decode()
+        key_authorization = f"{token}.{thumbprint}"
+        return (
+            token,
+            key_authorization,
+            _KeyAuthorizationResponse(key_authorization=key_authorization),
+        )
+    known = cast(challenges.KeyAuthorizationChallenge, chall)
+    return known.encode("token"), known.key_authorization(key), known.response(key)
+
+
+def _cleanup(presented: list[tuple[Solver, Challenge]]) -> None:
+    """Remove every published answer; one that fails is logged, the others still go."""
+    for solver, challenge in presented:
+        try:
+            solver.cleanup(challenge)
+        except Exception as exc:
+            log.warning("%s for %s: cleaning up failed: %s", challenge.type, challenge.name, exc)
 
 
 def _check_certificate(chain_pem: bytes, key_pem: bytes, names: Sequence[str]) -> None:

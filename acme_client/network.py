@@ -20,6 +20,8 @@ from acme import client, errors, messages
 from josepy.jwa import ES256
 from josepy.jwk import JWK
 
+from acme_client.solvers import SolverError
+
 log = logging.getLogger("tlsproxy.acme")
 
 USER_AGENT = "tlsproxy-acme"
@@ -107,6 +109,8 @@ def failure(exc: BaseException, net: Network | None = None) -> ACMEFailure:
     if isinstance(exc, ACMEFailure):
         return exc
     retry_after = net.retry_after if net is not None else None
+    if isinstance(exc, SolverError):
+        return ACMEFailure("challenge not published", str(exc))
     if isinstance(exc, messages.Error):
         found = problem(exc)
         return ACMEFailure(found.kind, found.detail, retry_after)

@@ -64,10 +64,6 @@ def _report(up: bool) -> None:
         hook(up)
 
 
-def is_redis_url(storage: str) -> bool:
-    return urlsplit(storage).scheme.lower() in SCHEMES
-
-
 def url_problem(storage: str) -> str | None:
     """Why ``storage`` (a URL) cannot be used, or None; for ``check`` before anything runs."""
     url = urlsplit(storage)

@@ -22,23 +22,23 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from acme_client.account import Account, ACMESettings
-from acme_client.interfaces import CertificateSink, ChallengeStore
+from acme_client.fallback import FallbackIssuer
+from acme_client.interfaces import CertificateSink
 from acme_client.issuer import Issuer
 from acme_client.keys import inspect
 from acme_client.network import ACMEFailure
 from acme_client.records import CertificateRecords, Metadata, StoredCertificate
-from acme_client.schedule import next_attempt, renewal_due
+from acme_client.schedule import broken_retry_delay, next_attempt, renewal_due
+from acme_client.solvers import Solver
 from acme_client.storage import LockBusy, Storage
 
 log = logging.getLogger("tlsproxy.acme")
-MAINTENANCE_RETRY = 15.0  # seconds before retrying maintenance that failed outside the CA
-MAINTENANCE_RETRY_MAX = 900.0
 
 POLL_INTERVAL = 2.0  # seconds between checks of storage for other processes' changes
 MIN_SLEEP = 0.05
@@ -107,20 +107,25 @@ class Renewer:
 
     def __init__(
         self,
-        settings: ACMESettings,
+        settings: ACMESettings | Sequence[ACMESettings],
         storage: Storage,
-        challenges: ChallengeStore,
+        solvers: Sequence[Solver],
         sink: CertificateSink | None = None,
         *,
-        issuer: Issuer | None = None,
+        issuer: Issuer | FallbackIssuer | None = None,
         poll_interval: float = POLL_INTERVAL,
         rng: random.Random | None = None,
         on_outcome: Callable[[bool], None] | None = None,
     ) -> None:
-        self.settings = settings
+        chain = [settings] if isinstance(settings, ACMESettings) else list(settings)
+        self.settings = chain[0]  # the first CA: where certificates are stored and locked
+        self.directories = tuple(s.directory for s in chain)  # tried in this order
         self.on_outcome = on_outcome  # told of every order: True issued, False failed
-        self.records = CertificateRecords(storage, settings.directory)
-        self.issuer = issuer or Issuer(Account(settings, storage), challenges)
+        self.records = CertificateRecords(storage, self.settings.directory)
+        if issuer is None:
+            issuers = [Issuer(Account(s, storage), solvers) for s in chain]
+            issuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
+        self.issuer = issuer
         self.sink = sink
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
@@ -186,11 +191,11 @@ class Renewer:
             "site %s: ordering a certificate for %s from %s (%s)",
             site,
             " ".join(names),
-            self.settings.directory,
+            ", then ".join(self.directories),
             reason,
         )
         base = meta if meta is not None else Metadata(names, self.settings.directory)
-        base = replace(base, names=names, directory=self.settings.directory, last_attempt=now_utc())
+        base = replace(base, names=names, last_attempt=now_utc())
         try:
             issued = self.issuer.obtain(names, cancel)
         except ACMEFailure as error:
@@ -199,15 +204,16 @@ class Renewer:
                 return Outcome("failed", current, meta, error)
             return self._failed(request, base, current, error)
         info = inspect(issued.chain_pem)
-        new_meta = base.with_certificate(info, now_utc())
+        new_meta = replace(base.with_certificate(info, now_utc()), directory=issued.directory)
         self.records.save_certificate(site, issued.chain_pem, issued.key_pem, new_meta)
         certificate = StoredCertificate(issued.chain_pem, issued.key_pem, new_meta, info)
         log.info(
-            "site %s: certificate for %s issued by %s in %.1f s: serial %s, valid until %s, "
+            "site %s: certificate for %s issued by %s (%s) in %.1f s: serial %s, valid until %s, "
             "renewal due %s%s",
             site,
             " ".join(names),
             info.issuer,
+            issued.directory,
             issued.seconds,
             info.serial,
             _iso(info.not_after),
@@ -261,7 +267,7 @@ class Renewer:
         if stored is None:
             return now_utc() + ARI_RETRY
         try:
-            window = self.issuer.renewal_window(stored.chain_pem)
+            window = self.issuer.renewal_window(stored.chain_pem, stored.meta.directory)
         except ACMEFailure as exc:
             log.warning("site %s: renewalInfo check failed: %s", request.site, exc)
             return now_utc() + ARI_RETRY
@@ -304,6 +310,12 @@ class Renewer:
             elif site in installed:
                 self._managed[site].installed = installed[site]
         self._wake()
+
+    def add(self, request: CertificateRequest, installed: str | None = None) -> None:
+        """Maintain one more certificate from now on (an on-demand name), keeping the others."""
+        if request.site not in self._managed:
+            self._managed[request.site] = _Managed(request, installed=installed)
+            self._wake()
 
     def action_at(self, managed: _Managed, now: datetime) -> datetime:
         """When this process should next try to order for ``managed``."""
@@ -426,7 +438,7 @@ class Renewer:
             # Not the CA (its errors are outcomes): storage unreachable, say. Back off
             # exponentially, 15 s to 15 min; the traceback once, then one line each time.
             managed.broken += 1
-            delay = min(MAINTENANCE_RETRY_MAX, MAINTENANCE_RETRY * 2 ** (managed.broken - 1))
+            delay = broken_retry_delay(managed.broken).total_seconds()
             if managed.broken == 1:
                 log.exception("site %s: certificate maintenance failed", managed.request.site)
             else:

@@ -5,6 +5,9 @@ remaining lifetime (Let's Encrypt's advice, certmagic's default) scales from 90-
 certificates to 90-day ones. When the CA offers ACME Renewal Information (RFC 9773), its
 suggested window wins. Failed attempts back off exponentially with jitter, within bounds
 scaled to the lifetime, and the next attempt is always before expiry.
+
+This module is the only place that knows these rules: ACME certificates, internal leaves,
+temporary certificates and the status page all ask it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ RETRY_MIN = timedelta(minutes=1)
 RETRY_MAX = timedelta(hours=1)
 RETRY_FLOOR = timedelta(seconds=1)  # never retry faster than this, however short-lived
 JITTER = 0.2  # +-20 %
+BROKEN_RETRY_MIN = timedelta(seconds=15)  # maintenance that failed outside the CA (storage down)
+BROKEN_RETRY_MAX = timedelta(minutes=15)
 
 
 def renewal_due(
@@ -71,3 +76,11 @@ def next_attempt(
     if not_after is not None and now < not_after <= at:
         at = now + max((not_after - now) / 2, RETRY_FLOOR)
     return at
+
+
+def broken_retry_delay(failures: int) -> timedelta:
+    """The delay after maintenance failed ``failures`` times in a row for a reason that is not
+    the CA's (storage unreachable): 15 s doubling to 15 min. No jitter, no lifetime: nothing
+    was ordered, so no CA sees these retries."""
+    delay: timedelta = BROKEN_RETRY_MIN * 2 ** max(failures - 1, 0)
+    return min(BROKEN_RETRY_MAX, delay)

@@ -4,7 +4,8 @@ Storage is the source of truth that every process shares (the running proxy, its
 workers and replicas, ``tlsproxy renew``). Keys are ``/``-separated paths such as
 ``acme/<ca>/certificates/<site>/cert.pem``. The file backend writes atomically (temp file,
 fsync, ``os.replace``), keeps private values 0600 in 0700 directories, and serialises
-writers of one name with ``flock``. Other backends (redis) implement the same protocol.
+writers of one name with ``flock``. Other backends (redis) implement the same protocol;
+:mod:`acme_client.location` picks one for a ``[tls] storage`` value.
 
 This module deliberately duplicates the few lines of ``proxy.certs.pemfiles``: ``acme_client``
 never imports ``proxy``.
@@ -64,15 +65,6 @@ class Storage(Protocol):
     def describe(self, key: str) -> str:
         """Where ``key`` lives, for messages (a path, a URL)."""
         ...
-
-
-def open_storage(location: str) -> Storage:
-    """The backend for ``[tls] storage``: a ``redis://``/``rediss://`` URL or a directory."""
-    if location.lower().startswith(("redis://", "rediss://")):
-        from acme_client.redis_storage import RedisStorage  # redis is needed only here
-
-        return RedisStorage(location)
-    return FileStorage(location)
 
 
 def check_key(key: str) -> str:

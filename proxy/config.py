@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from acme_client.location import StorageLocation, parse_location
+from acme_client.rfc2136 import ALGORITHMS as TSIG_ALGORITHMS
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -71,6 +74,7 @@ class Site:
     cert: str | None = None  # PEM chain file; with `key`, overrides [tls].issuer
     key: str | None = None
     hsts: str | None = None  # Strict-Transport-Security value added to responses
+    on_demand: bool = False  # certificates at the first handshake for names `hosts` matches
 
     @property
     def name(self) -> str:
@@ -109,24 +113,87 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OnDemandConfig:
+    """``[tls.on_demand]``: who decides which names get a certificate at their first
+    handshake (``GET ask?domain=NAME``, 2xx = yes)."""
+
+    ask: str
+
+
+@dataclass(frozen=True, slots=True)
 class TLSConfig:
     """The ``[tls]`` table: ``storage`` (certificates, keys, account, internal CA) and the
     ``issuer`` for sites without cert/key files."""
 
     storage: str = "./tlsproxy-data"
     issuer: Literal["acme", "internal"] = "acme"
+    on_demand: OnDemandConfig | None = None  # needed by sites with on_demand = true
+    location: StorageLocation = field(init=False, repr=False, compare=False)  # storage, parsed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "location", parse_location(self.storage))
+
+
+CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class DNSConfig:
+    """The ``[acme.dns]`` table: how DNS-01 puts its TXT records into DNS.
+
+    ``provider = "rfc2136"``: dynamic updates to ``server``, signed with the TSIG key
+    ``tsig_key`` (its secret in ``tsig_secret`` or the file ``tsig_secret_file``).
+    ``provider = "exec"``: ``command`` is run as ``command present|cleanup FQDN VALUE``.
+    """
+
+    provider: Literal["rfc2136", "exec"] = "rfc2136"
+    server: Address | None = None  # rfc2136: the primary nameserver taking updates
+    tsig_key: str = ""
+    tsig_algorithm: str = "hmac-sha256"
+    tsig_secret: str = field(default="", repr=False)  # never in logs or status
+    tsig_secret_file: str = ""
+    command: tuple[str, ...] = ()  # exec: the program and its first arguments
+    zone: str = ""  # "" = the zone the SOA names
+    propagation_timeout: float = 120.0  # seconds for every authoritative server to serve it
+    resolvers: tuple[Address, ...] = ()  # asked for SOA, NS and CNAME; () = the system's
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """One ``[[acme.issuers]]`` table: a CA to ask, in the order of the list."""
+
+    directory: str
+    email: str = ""  # "" = [acme] email
+    ca_bundle: str = ""
+    eab_kid: str = ""
+    eab_hmac_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class ACMEConfig:
     """The ``[acme]`` table: the CA's directory URL, the account contact, extra trust for
-    the CA's API and optional External Account Binding."""
+    the CA's API, optional External Account Binding, the challenge types in order of
+    preference and, for DNS-01, ``[acme.dns]``."""
 
     directory: str = LETS_ENCRYPT
     email: str = ""
     ca_bundle: str = ""  # CA file trusted for the ACME server's own HTTPS API (Pebble, private CAs)
     eab_kid: str = ""  # External Account Binding key id, for CAs that require one
     eab_hmac_key: str = ""  # ... and its base64url HMAC key
+    challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")  # in order of preference
+    dns: DNSConfig | None = None  # [acme.dns]: needed by "dns-01"
+    issuers: tuple[IssuerConfig, ...] = ()  # tried in order; replaces directory when given
+
+    @property
+    def cas(self) -> tuple[IssuerConfig, ...]:
+        """The CAs to ask, in order: ``issuers``, or the one that ``directory`` names."""
+        if self.issuers:
+            return tuple(dataclasses.replace(i, email=i.email or self.email) for i in self.issuers)
+        return (
+            IssuerConfig(
+                self.directory, self.email, self.ca_bundle, self.eab_kid, self.eab_hmac_key
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,12 +272,11 @@ def start_problems(config: Config) -> list[str]:
     problems: list[str] = []
     if not config.sites:
         problems.append(f"sites: {NO_SITES}")
-    from acme_client.redis_storage import url_problem  # the storage URL's own rules
-
-    if "://" in config.tls.storage and (storage := url_problem(config.tls.storage)):
+    location = config.tls.location
+    if storage := location.problem():
         problems.append(f"tls.storage: {storage}")
     elif (
-        "://" in config.tls.storage
+        location.directory is None
         and config.tls.issuer == "internal"
         and any(site.cert is None and site.key is None for site in config.sites)
     ):
@@ -220,6 +286,7 @@ def start_problems(config: Config) -> list[str]:
             "every site cert and key files"
         )
     problems += _acme_problems(config)
+    problems += _on_demand_problems(config)
     admin = config.server.admin_listen
     if admin is not None and not _loopback(admin.host) and not config.server.admin_token:
         problems.append(
@@ -238,27 +305,64 @@ def _loopback(host: str) -> bool:
 
 
 def _acme_problems(config: Config) -> list[str]:
-    """ACME certificates are validated over HTTP-01, which cannot prove a wildcard name."""
-    if config.tls.issuer != "acme":
-        return []
+    """DNS-01 and its table come together; only DNS-01 can prove a wildcard name."""
+    acme = config.acme
     problems: list[str] = []
+    if "dns-01" in acme.challenges and acme.dns is None:
+        problems.append('acme.challenges: "dns-01" needs an [acme.dns] table (provider, ...)')
+    if acme.dns is not None and "dns-01" not in acme.challenges:
+        problems.append(
+            'acme.dns: configured, but acme.challenges does not list "dns-01" '
+            '(e.g. challenges = ["dns-01"])'
+        )
+    if config.tls.issuer != "acme":
+        return problems
     acme_sites = [
         (index, site)
         for index, site in enumerate(config.sites)
         if site.cert is None and site.key is None
     ]
     for index, site in acme_sites:
+        if site.on_demand:
+            continue  # its hosts are patterns: each name gets a certificate of its own
         for position, host in enumerate(site.hosts):
-            if host.startswith("*."):
+            if host.startswith("*.") and "dns-01" not in acme.challenges:
                 problems.append(
                     f"sites[{index}].hosts[{position}]: {host!r}: a wildcard certificate needs "
-                    "the ACME DNS-01 challenge, and this version validates over HTTP-01 only; "
-                    'give this site cert and key files, or use issuer = "internal" in [tls]'
+                    'the dns-01 challenge: add "dns-01" to acme.challenges and configure '
+                    "[acme.dns] (or give this site cert and key files)"
                 )
-    bundle = config.acme.ca_bundle
-    if acme_sites and bundle and not os.path.isfile(bundle):
-        problems.append(f"acme.ca_bundle: {bundle!r}: no such file")
+    for key, issuer in _issuer_keys(acme):
+        bundle = issuer.ca_bundle
+        if acme_sites and bundle and not os.path.isfile(bundle):
+            problems.append(f"{key}.ca_bundle: {bundle!r}: no such file")
     return problems
+
+
+def _on_demand_problems(config: Config) -> list[str]:
+    """On-demand sites get ACME certificates, and someone must say which names may have one."""
+    problems = []
+    for index, site in enumerate(config.sites):
+        if not site.on_demand:
+            continue
+        if config.tls.on_demand is None:
+            problems.append(
+                f"sites[{index}].on_demand: needs [tls.on_demand] ask = URL (which names may "
+                "get a certificate; without it anyone could make us order for any name)"
+            )
+        if config.tls.issuer != "acme" or site.cert is not None or site.key is not None:
+            problems.append(
+                f'sites[{index}].on_demand: certificates come from ACME: issuer = "acme" in '
+                "[tls], and no cert/key files on this site"
+            )
+    return problems
+
+
+def _issuer_keys(acme: ACMEConfig) -> list[tuple[str, IssuerConfig]]:
+    """Each CA with the key its settings are under: ``acme`` or ``acme.issuers[N]``."""
+    if not acme.issuers:
+        return [("acme", acme.cas[0])]
+    return [(f"acme.issuers[{n}]", issuer) for n, issuer in enumerate(acme.cas)]
 
 
 # --- The converter machinery -----------------------------------------------------------------
@@ -327,8 +431,9 @@ class _Table:
 
 
 def _keys(cls: type) -> tuple[str, ...]:
-    """A dataclass's field names: the TOML keys of its table, so the two cannot drift apart."""
-    return tuple(f.name for f in dataclasses.fields(cls))
+    """A dataclass's field names: the TOML keys of its table, so the two cannot drift apart.
+    Fields computed from the others (``init=False``) are not keys."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 def _items(value: object, empty: str = "") -> Sequence[object]:
@@ -579,6 +684,7 @@ def _route_path(value: object) -> str:
 # --- Tables ----------------------------------------------------------------------------------
 
 _hosts = _list_of(_host, empty="at least one host is needed")
+_patterns = _list_of(lambda v: "*" if v == "*" else _host(v), empty="at least one host is needed")
 _upstreams = _list_of(_upstream, empty="at least one upstream is needed")
 
 
@@ -618,11 +724,32 @@ def _server(value: object) -> ServerConfig:
     return server
 
 
+def _on_demand(value: object) -> OnDemandConfig:
+    t = _Table(value, _keys(OnDemandConfig))
+    config = OnDemandConfig(ask=t.get("ask", _ask_url, "", missing="required: the ask URL"))
+    t.done()
+    return config
+
+
+def _ask_url(value: object) -> str:
+    """The ask endpoint: an http(s) URL without a query (``?domain=NAME`` is appended)."""
+    text = _string(value)
+    try:
+        url = urlsplit(text)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and not url.query
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _bad(f"expected a URL such as 'http://127.0.0.1:9000/allowed', got {text!r}")
+    return text
+
+
 def _tls(value: object) -> TLSConfig:
     t, d = _Table(value, _keys(TLSConfig)), TLSConfig()
     tls = TLSConfig(
         storage=t.get("storage", _nonempty, d.storage),
         issuer=t.get("issuer", _one_of("acme", "internal"), d.issuer),
+        on_demand=t.get("on_demand", _on_demand, d.on_demand),
     )
     t.done()
     return tls
@@ -636,12 +763,86 @@ def _acme(value: object) -> ACMEConfig:
         ca_bundle=t.get("ca_bundle", _string, d.ca_bundle),
         eab_kid=t.get("eab_kid", _string, d.eab_kid),
         eab_hmac_key=t.get("eab_hmac_key", _eab_key, d.eab_hmac_key),
+        challenges=t.get("challenges", _challenges, d.challenges),
+        dns=t.get("dns", _dns, d.dns),
+        issuers=t.get("issuers", _list_of(_issuer, empty="at least one issuer"), d.issuers),
     )
+    if t.data.get("issuers"):
+        for key in ("directory", "ca_bundle", "eab_kid", "eab_hmac_key"):
+            if key in t.data:
+                t.found.append(
+                    (f".{key}", "not used with [[acme.issuers]]: give it in each issuer")
+                )
     for present, absent in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
         if t.data.get(present) and not t.data.get(absent):
             t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
     t.done()
     return acme
+
+
+def _issuer(value: object) -> IssuerConfig:
+    t = _Table(value, _keys(IssuerConfig))
+    issuer = IssuerConfig(
+        directory=t.get("directory", _directory, "", missing="required: the CA's directory URL"),
+        email=t.get("email", _email, ""),
+        ca_bundle=t.get("ca_bundle", _string, ""),
+        eab_kid=t.get("eab_kid", _string, ""),
+        eab_hmac_key=t.get("eab_hmac_key", _eab_key, ""),
+    )
+    for present, absent in (("eab_kid", "eab_hmac_key"), ("eab_hmac_key", "eab_kid")):
+        if t.data.get(present) and not t.data.get(absent):
+            t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
+    t.done()
+    return issuer
+
+
+def _challenges(value: object) -> tuple[str, ...]:
+    types = _list_of(_one_of(*CHALLENGES), empty="at least one challenge type is needed")(value)
+    if len(set(types)) != len(types):
+        raise _bad("each challenge type may be listed once")
+    return types
+
+
+def _dns_server(value: object) -> Address:
+    """A DNS server ``host:port``, or a bare IP address (port 53)."""
+    text = _string(value)
+    if _is_ip(text):
+        return Address(text, 53)
+    return _address(value)
+
+
+def _dns(value: object) -> DNSConfig:
+    t, d = _Table(value, _keys(DNSConfig)), DNSConfig()
+    dns = DNSConfig(
+        provider=t.get("provider", _one_of("rfc2136", "exec"), d.provider),
+        server=t.get("server", _dns_server, d.server),
+        tsig_key=t.get("tsig_key", _string, d.tsig_key),
+        tsig_algorithm=t.get("tsig_algorithm", _one_of(*TSIG_ALGORITHMS), d.tsig_algorithm),
+        tsig_secret=t.get("tsig_secret", _base64, d.tsig_secret),
+        tsig_secret_file=t.get("tsig_secret_file", _string, d.tsig_secret_file),
+        command=t.get("command", _list_of(_nonempty), d.command),
+        zone=t.get("zone", _string, d.zone),
+        propagation_timeout=t.get("propagation_timeout", _seconds, d.propagation_timeout),
+        resolvers=t.get("resolvers", _list_of(_dns_server), d.resolvers),
+    )
+    if dns.provider == "rfc2136":
+        for key, present in (("server", dns.server), ("tsig_key", dns.tsig_key)):
+            if not present and key not in t.data:
+                t.found.append((f".{key}", 'required with provider = "rfc2136"'))
+        if bool(dns.tsig_secret) == bool(dns.tsig_secret_file):
+            t.found.append((".tsig_secret", "give tsig_secret or tsig_secret_file (one of them)"))
+    elif not dns.command and "command" not in t.data:
+        t.found.append((".command", 'required with provider = "exec", e.g. ["/path/script"]'))
+    t.done()
+    return dns
+
+
+def _base64(value: object) -> str:
+    """A secret as base64 (a TSIG secret); the value is never repeated in the message."""
+    text = _string(value)
+    if text and not re.fullmatch(r"[A-Za-z0-9+/]+=*", text):
+        raise _bad("expected base64 (the secret itself is not shown here)")
+    return text
 
 
 def _eab_key(value: object) -> str:
@@ -679,7 +880,12 @@ def _routes(value: object) -> tuple[Route, ...]:
 def _site(value: object) -> Site:
     t = _Table(value, _keys(Site))
     site = Site(
-        hosts=t.get("hosts", _hosts, (), missing="required: the names this site answers to"),
+        hosts=t.get(
+            "hosts",
+            _patterns if t.data.get("on_demand") is True else _hosts,
+            (),
+            missing="required: the names this site answers to",
+        ),
         upstreams=t.get(
             "upstreams",
             _upstreams,
@@ -690,6 +896,7 @@ def _site(value: object) -> Site:
         cert=t.get("cert", _nonempty, None),
         key=t.get("key", _nonempty, None),
         hsts=t.get("hsts", _header_value, None),
+        on_demand=t.get("on_demand", _boolean, False),
     )
     for present, absent in (("cert", "key"), ("key", "cert")):
         if present in t.data and absent not in t.data:

@@ -3,9 +3,10 @@
 :func:`proxy.config.start_problems` judges a configuration by itself. :func:`local_problems`
 looks at what it names on disk, as the proxy will read it at start: each site's ``cert`` and
 ``key`` (read and checked by the very code that loads them), the storage directory (it must
-be one, or be creatable) and an internal CA already in it (a CA that exists but cannot be
-loaded is never replaced, since users may trust it, so the proxy refuses to start). Nothing is
-created or written: ``check`` may run before the first start, or beside a running proxy.
+be one, or be creatable), an internal CA already in it (a CA that exists but cannot be
+loaded is never replaced, since users may trust it, so the proxy refuses to start), and
+DNS-01's TSIG secret file or ``exec`` program. Nothing is created or written: ``check`` may
+run before the first start, or beside a running proxy.
 
 Kept apart from ``start_problems`` because example configurations (the docs') name files
 that exist only on the machines they are written for.
@@ -13,14 +14,18 @@ that exist only on the machines they are written for.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import shutil
 from pathlib import Path
 
 from proxy.certs import acme_sites
 from proxy.certs.internal_ca import ROOT_CERT, ROOT_KEY, InternalCA, InternalCAError
+from proxy.certs.solvers import read_secret
 from proxy.certs.sources import CertificateError, FileCertificate
 from proxy.certs.store import CertStore
-from proxy.config import Config, Site, start_problems
+from proxy.config import Config, DNSConfig, Site, start_problems
 
 
 def problems(config: Config) -> list[str]:
@@ -34,13 +39,32 @@ def local_problems(config: Config) -> list[str]:
     for index, site in enumerate(config.sites):
         if site.cert is not None and site.key is not None:
             found += _pair_problems(index, site)
-    storage = config.tls.storage
-    if "://" not in storage and any(_without_files(site) for site in config.sites):
-        storage_problems = _storage_problems(storage)
+    directory = config.tls.location.directory
+    if directory is not None and any(_without_files(site) for site in config.sites):
+        storage_problems = _storage_problems(config.tls.storage)
         found += storage_problems
         if not storage_problems and _needs_ca(config):
-            found += _ca_problems(Path(storage) / "ca")
-    return found
+            found += _ca_problems(directory / "ca")
+    return found + _dns_problems(config.acme.dns)
+
+
+def _dns_problems(dns: DNSConfig | None) -> list[str]:
+    """The TSIG secret file (readable, base64) or the exec provider's program."""
+    if dns is None:
+        return []
+    if dns.provider == "exec" and dns.command and shutil.which(dns.command[0]) is None:
+        return [f"acme.dns.command[0]: {dns.command[0]!r}: no such executable program"]
+    if dns.provider != "rfc2136" or not dns.tsig_secret_file:
+        return []
+    path = dns.tsig_secret_file
+    try:
+        secret = read_secret(path)
+        base64.b64decode(secret, validate=True)
+    except OSError as error:
+        return [f"acme.dns.tsig_secret_file: cannot read {path!r}: {error.strerror or error}"]
+    except binascii.Error:
+        return [f"acme.dns.tsig_secret_file: {path!r} does not hold a base64 secret"]
+    return []
 
 
 def _without_files(site: Site) -> bool:

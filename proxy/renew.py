@@ -1,6 +1,7 @@
 """``tlsproxy renew``: obtain or renew ACME certificates now and write them to storage.
 
-HTTP-01 needs port 80 answered. When a proxy already runs on the configured
+The challenge types are the configuration's (``[acme] challenges``); DNS-01 needs nothing
+here but ``[acme.dns]``. HTTP-01 needs port 80 answered. When a proxy already runs on the configured
 ``http_listen`` address it answers from the token store it shares with us (the storage);
 when the address is free, this command listens there itself for its duration. Running
 proxies that use the storage pick the new certificate up within seconds (they poll it).
@@ -15,9 +16,11 @@ import sys
 from collections.abc import Sequence
 
 from acme_client.challenges import StorageChallengeStore
+from acme_client.location import open_storage
 from acme_client.renewer import Outcome, Renewer, due_time
-from acme_client.storage import open_storage
+from acme_client.tlsalpn import ALPNChallenges
 from proxy.certs.acme_sites import request_for, settings_for, uses_acme
+from proxy.certs.solvers import solvers_for
 from proxy.certs.store import normalize
 from proxy.config import Config, Site
 from proxy.http.router import Router
@@ -60,11 +63,15 @@ def renew(config: Config, hosts: Sequence[str], force: bool) -> int:
 
 
 async def _renew(config: Config, sites: list[Site], force: bool) -> int:
-    storage = open_storage(config.tls.storage)
+    storage = open_storage(config.tls.location)
     challenges = StorageChallengeStore(storage)
-    servers = await _listen_http(config, challenges)
+    http_listen = bool(config.server.http_listen)
+    # TLS-ALPN-01 is answered by a proxy running on https_listen, from the shared storage
+    solvers = solvers_for(config.acme, challenges, ALPNChallenges(storage), http_listen=http_listen)
+    http01 = http_listen and "http-01" in config.acme.challenges
+    servers = await _listen_http(config, challenges) if http01 else []
     try:
-        renewer = Renewer(settings_for(config.acme), storage, challenges)
+        renewer = Renewer(settings_for(config.acme), storage, solvers)
         status = 0
         for site in sites:
             try:
@@ -118,8 +125,6 @@ async def _listen_http(config: Config, challenges: StorageChallengeStore) -> lis
             continue
         log.info("answering HTTP-01 on %s while renewing", address)
         servers.append(server)
-    if not config.server.http_listen:
-        log.warning("server.http_listen is empty: nothing here answers the CA's HTTP-01 requests")
     return servers
 
 

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from acme_client.interfaces import ChallengeStore
+from acme_client.location import open_storage
+from acme_client.tlsalpn import ALPNChallenges
 from proxy import metrics
 from proxy.admin import status, status_page, worker_status
 from proxy.certs.acme_sites import challenge_store_for
+from proxy.certs.alpn import ALPNChallengeContexts
+from proxy.certs.on_demand import OnDemand
 from proxy.certs.sources import CertificateManager
 from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
@@ -100,6 +104,9 @@ class Proxy:
         self._context: ssl.SSLContext | None = None  # the TLS listeners' (certificates by SNI)
         self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
         self._certs: CertificateManager | None = None
+        self._alpn: ALPNChallengeContexts | None = None  # TLS-ALPN-01 answers, made on first use
+        self._on_demand: OnDemand | None = None  # when a site has on_demand = true
+        self._tls_listeners: list[TLSListener] = []  # their hold hook follows reloads
         self._maintenance: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
@@ -137,8 +144,10 @@ class Proxy:
             config.tls,
             acme=config.acme,
             challenges=self.challenges,
+            http_listen=bool(settings.http_listen),
         )
         await asyncio.to_thread(self._certs.load_all)
+        self._set_on_demand(config)
         pool = UpstreamPool(settings.upstream_connect_timeout)
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
         runtime = Runtime(settings, Router(config.sites, pool), pool, access_log, batch=pool.batch)
@@ -186,7 +195,9 @@ class Proxy:
                     return H2Connection(runtime, port)
                 return H1Connection(runtime, port)
 
-            factory = TLSListener(self._context, self.gate, client)
+            factory = TLSListener(self._context, self.gate, client, self._alpn_challenge)
+            factory.hold = self._on_demand_hold()
+            self._tls_listeners.append(factory)
         else:
 
             def factory() -> PlainHTTPProtocol:
@@ -208,6 +219,36 @@ class Proxy:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {address} ({kind}): {reason}") from None
         return _Open(kind, address, server, connections)
+
+    def _alpn_challenge(self, name: str) -> ssl.SSLContext | None:
+        """TLS-ALPN-01: the challenge context for ``name`` while ACME with tls-alpn-01 is
+        configured (looked up when a ClientHello offers ``acme-tls/1``)."""
+        acme = self.config.acme
+        if self.config.tls.issuer != "acme" or "tls-alpn-01" not in acme.challenges:
+            return None
+        if self._alpn is None:
+            self._alpn = ALPNChallengeContexts(
+                ALPNChallenges(open_storage(self.config.tls.location))
+            )
+        return self._alpn.context_for(name)
+
+    def _on_demand_hold(self) -> Callable[[str | None], asyncio.Future[bool] | None] | None:
+        """The TLS listeners' hold hook: on-demand's, when configured (else no ClientHello
+        needs to be read for it)."""
+        return self._on_demand.hold if self._on_demand is not None else None
+
+    def _set_on_demand(self, config: Config) -> None:
+        """On-demand TLS for ``config`` (None without on-demand sites), on every listener."""
+        assert self._certs is not None
+        ask = config.tls.on_demand
+        wanted = ask is not None and any(site.on_demand for site in config.sites)
+        self._on_demand = (
+            OnDemand(self.cert_store, config.sites, ask.ask, self._certs.acme.obtain_on_demand)
+            if wanted and ask is not None
+            else None
+        )
+        for listener in self._tls_listeners:
+            listener.hold = self._on_demand_hold()
 
     def _responder_now(self) -> HTTPResponder:
         assert self._responder is not None
@@ -313,7 +354,9 @@ class Proxy:
         gone = [key for key in self._open if key not in wanted]
         added, released = await self._bind_new([k for k in wanted if k not in self._open], gone)
         try:
-            await asyncio.to_thread(self._certs.reload, config.sites, config.tls, config.acme)
+            await asyncio.to_thread(
+                self._certs.reload, config.sites, config.tls, config.acme, bool(new.http_listen)
+            )
         except BaseException:
             await self._undo(added, released)
             raise
@@ -329,6 +372,7 @@ class Proxy:
         for connection in list(runtime.connections):
             connection.retire()  # HTTP/2: GOAWAY, so clients reconnect to the new settings
         self.config = config
+        self._set_on_demand(config)
         for key in gone:
             opened = self._open.pop(key)
             if key not in released:

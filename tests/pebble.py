@@ -101,6 +101,8 @@ class Pebble:
     management_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    dns_host: str = "127.0.0.1"  # with dns_port: the DNS server Pebble's validator asks
+    tls_port: int | None = None  # where it validates TLS-ALPN-01 (the proxy's HTTPS port)
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,7 @@ class Pebble:
             "certificate": str(self.directory / "api-cert.pem"),
             "privateKey": str(self.directory / "api-key.pem"),
             "httpPort": self.http_port,
-            "tlsPort": free_port(),
+            "tlsPort": self.tls_port or free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": self.eab_keys is not None,
         }
@@ -147,7 +149,7 @@ class Pebble:
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [PEBBLE, "-config", str(config), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+                [PEBBLE, "-config", str(config), "-dnsserver", f"{self.dns_host}:{self.dns_port}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -215,6 +217,8 @@ def acme_config(
     https_port: int | None = None,
     storage: Path | None = None,
     server: dict[str, Any] | None = None,
+    acme: dict[str, Any] | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> tuple[Path, int]:
     """Write a proxy config using ``pebble`` (its http_listen is Pebble's ``httpPort``)."""
     https_port = https_port or free_port()
@@ -227,14 +231,26 @@ def acme_config(
     } | (server or {})
     config = {
         "server": settings,
-        "tls": {"storage": str(storage or directory / "data"), "issuer": "acme"},
-        "acme": {"directory": pebble.url, "ca_bundle": str(pebble.api_ca), "email": "ops@a.test"},
+        "tls": {"storage": str(storage or directory / "data"), "issuer": "acme"} | (tls or {}),
+        "acme": _acme_table(pebble, acme or {}),
         "sites": [dict(site) for site in sites],
     }
     path = directory / "proxy.toml"
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(to_toml(config))
     return path, https_port
+
+
+def _acme_table(pebble: Pebble, extra: dict[str, Any]) -> dict[str, Any]:
+    """``[acme]`` for ``pebble``, with ``extra`` keys; ``issuers`` in ``extra`` replace it."""
+    if "issuers" in extra:
+        return {"email": "ops@a.test"} | extra
+    return {"directory": pebble.url, "ca_bundle": str(pebble.api_ca), "email": "ops@a.test"} | extra
+
+
+def issuer(pebble: Pebble) -> dict[str, str]:
+    """One ``[[acme.issuers]]`` entry for ``pebble``."""
+    return {"directory": pebble.url, "ca_bundle": str(pebble.api_ca)}
 
 
 def start_proxy(config: Path, https_port: int, http_port: int) -> ProxyProcess:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian machine: installs the system tools the
-# tests drive (curl, openssl, pebble, redis-server, wrk, nginx, chromium), makes .venv with
+# tests drive (curl, openssl, pebble, knot, redis-server, wrk, nginx, chromium), makes .venv with
 # the project and its test extras, then runs ruff, mypy --strict and pytest.
 # CI (.ci/run) calls exactly this.
 set -euo pipefail
@@ -11,6 +11,9 @@ command -v curl >/dev/null || apt_packages+=(curl)
 command -v openssl >/dev/null || apt_packages+=(openssl)
 # Pebble, Let's Encrypt's test CA, for the ACME tests (tests/pebble.py)
 command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || apt_packages+=(pebble)
+# Knot DNS and its knsupdate, the authoritative DNS server of the DNS-01 tests (tests/knot.py)
+command -v knotd >/dev/null || [ -x /usr/sbin/knotd ] || apt_packages+=(knot)
+command -v knsupdate >/dev/null || apt_packages+=(knot-dnsutils)
 # Redis, the shared storage of replicas, for tests/test_redis_*.py
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || apt_packages+=(redis-server)
 # wrk, nginx (a native upstream) and a C compiler for the quick benchmark (benchmarks/)

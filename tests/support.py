@@ -175,14 +175,23 @@ def to_toml(data: dict[str, Any]) -> str:
     for key, value in data.items():
         if isinstance(value, dict):
             lines.append(f"[{key}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             for item in value:
                 lines.append(f"[[{key}]]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in item.items()]
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
         else:
-            lines.insert(0, f"{key} = {json.dumps(value)}")
+            lines.insert(0, f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it; tables inside a table become inline tables."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def curl(

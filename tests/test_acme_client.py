@@ -22,6 +22,7 @@ from acme_client.account import ACMESettings
 from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import ChallengeStore
 from acme_client.renewer import CertificateRequest, Outcome, Renewer
+from acme_client.solvers import HTTP01Solver
 from acme_client.storage import FileStorage
 from tests.pebble import LoopbackDNS, Pebble, pebble_available
 from tests.support import ROOT
@@ -111,7 +112,7 @@ def pebbles(
 
 def renewer_for(pebble: Pebble, storage: FileStorage, **settings: Any) -> Renewer:
     acme = ACMESettings(directory=pebble.url, ca_bundle=str(pebble.api_ca), **settings)
-    return Renewer(acme, storage, StorageChallengeStore(storage))
+    return Renewer(acme, storage, [HTTP01Solver(StorageChallengeStore(storage))])
 
 
 @needs_pebble

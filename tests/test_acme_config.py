@@ -33,12 +33,58 @@ def test_wildcard_hosts_cannot_be_validated_over_http01() -> None:
     config = parse_config(config_with(hosts=["a.test", "*.apps.a.test"]))
     (problem,) = start_problems(config)
     assert problem.startswith("sites[0].hosts[1]: '*.apps.a.test': a wildcard certificate needs")
-    assert "DNS-01" in problem
+    assert 'add "dns-01" to acme.challenges and configure [acme.dns]' in problem
     # with its own files, or from the internal CA, a wildcard site is fine
     files = config_with(hosts=["*.apps.a.test"], cert="/c.pem", key="/k.pem")
     assert start_problems(parse_config(files)) == []
     internal = config_with(hosts=["*.apps.a.test"]) | {"tls": {"issuer": "internal"}}
     assert start_problems(parse_config(internal)) == []
+
+
+def test_dns01_and_its_table_come_together_and_allow_wildcards() -> None:
+    dns = {"provider": "exec", "command": ["/bin/true"]}
+    both = config_with({"challenges": ["dns-01"], "dns": dns}, hosts=["*.apps.a.test"])
+    assert start_problems(parse_config(both)) == []
+    (problem,) = start_problems(parse_config(config_with({"challenges": ["dns-01"]})))
+    assert problem == 'acme.challenges: "dns-01" needs an [acme.dns] table (provider, ...)'
+    (problem,) = start_problems(parse_config(config_with({"dns": dns})))
+    assert problem.startswith('acme.dns: configured, but acme.challenges does not list "dns-01"')
+
+
+def test_dns_table_problems_name_their_keys_and_never_the_secret() -> None:
+    secret = "not base64 but secret!"
+    data = config_with({"challenges": ["dns-01"], "dns": {"tsig_secret": secret, "zone": 1}})
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data)
+    assert raised.value.problems == [
+        "acme.dns.tsig_secret: expected base64 (the secret itself is not shown here)",
+        "acme.dns.zone: expected a string, got an integer (1)",
+        'acme.dns.server: required with provider = "rfc2136"',
+        'acme.dns.tsig_key: required with provider = "rfc2136"',
+        "acme.dns.tsig_secret: give tsig_secret or tsig_secret_file (one of them)",
+    ]
+    assert secret not in str(raised.value)
+    good = {"server": "ns1.a.test:53", "tsig_key": "k.", "tsig_secret": "c2VjcmV0"}
+    config = parse_config(config_with({"challenges": ["dns-01"], "dns": good}))
+    assert "c2VjcmV0" not in repr(config)  # a logged config never shows the secret
+
+
+def test_issuers_replace_the_single_directory_and_inherit_the_email() -> None:
+    issuers = [{"directory": "https://a.test/dir"}, {"directory": "https://b.test/dir"}]
+    config = parse_config(config_with({"email": "ops@a.test", "issuers": issuers}))
+    assert [(ca.directory, ca.email) for ca in config.acme.cas] == [
+        ("https://a.test/dir", "ops@a.test"),
+        ("https://b.test/dir", "ops@a.test"),
+    ]
+    assert [ca.directory for ca in parse_config(config_with()).acme.cas] == [ACMEConfig().directory]
+    both = config_with({"directory": "https://c.test/dir", "issuers": [{"eab_kid": "k"}]})
+    with pytest.raises(ConfigError) as raised:
+        parse_config(both)
+    assert raised.value.problems == [
+        "acme.issuers[0].directory: required: the CA's directory URL",
+        "acme.issuers[0].eab_hmac_key: missing: eab_kid is set, give both or neither",
+        "acme.directory: not used with [[acme.issuers]]: give it in each issuer",
+    ]
 
 
 def test_external_account_binding_keys() -> None:
@@ -97,3 +143,35 @@ def test_renew_with_no_acme_site_has_nothing_to_do(tmp_path: Path) -> None:
     result = tlsproxy("renew", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stdout
+
+
+def test_on_demand_sites_need_the_ask_endpoint_and_acme() -> None:
+    site = {"hosts": ["*"], "upstreams": UPSTREAM, "on_demand": True}
+    config = parse_config({"sites": [site], "tls": {"on_demand": {"ask": "http://127.0.0.1:9/a"}}})
+    assert start_problems(config) == []
+    (problem,) = start_problems(parse_config({"sites": [site]}))
+    assert problem.startswith("sites[0].on_demand: needs [tls.on_demand] ask = URL")
+    internal = {"sites": [site], "tls": {"issuer": "internal", "on_demand": {"ask": "http://a/"}}}
+    (problem,) = start_problems(parse_config(internal))
+    assert problem.startswith('sites[0].on_demand: certificates come from ACME: issuer = "acme"')
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"sites": [{"hosts": ["*"], "upstreams": UPSTREAM}]})
+    assert raised.value.problems[0].startswith("sites[0].hosts[0]: '*'")
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"sites": [site], "tls": {"on_demand": {"ask": "http://a/?x=1"}}})
+    assert raised.value.problems == [
+        "tls.on_demand.ask: expected a URL such as 'http://127.0.0.1:9000/allowed', "
+        "got 'http://a/?x=1'"
+    ]
+
+
+def test_on_demand_patterns_and_names() -> None:
+    from proxy.certs.on_demand import acceptable, matches
+
+    assert matches("*", "anything.example")
+    assert matches("*.customers.test", "a.customers.test")
+    assert not matches("*.customers.test", "a.b.customers.test")  # one label, as routing
+    assert not matches("*.customers.test", "customers.test")
+    assert acceptable("app.customer.com")
+    for name in ("nodots", "10.0.0.1", "bad_name.test", "-a.test", "a..test", "x" * 64 + ".test"):
+        assert not acceptable(name), name

@@ -23,7 +23,6 @@ from cryptography.x509.oid import NameOID
 
 from acme_client.account import Account, ACMESettings
 from acme_client.challenges import StorageChallengeStore
-from acme_client.interfaces import MemoryChallengeStore
 from acme_client.issuer import Issued, Issuer
 from acme_client.keys import inspect, new_key_pem
 from acme_client.network import ACMEFailure, parse_retry_after
@@ -208,7 +207,7 @@ class FakeIssuer(Issuer):
     """Issues ``lifetime``-second leaves; fails the calls whose numbers are in ``fail``."""
 
     def __init__(self, storage: FileStorage, lifetime: float, fail: set[int] | None = None):
-        super().__init__(Account(ACMESettings(DIRECTORY), storage), MemoryChallengeStore())
+        super().__init__(Account(ACMESettings(DIRECTORY), storage), [])
         self.ca = LocalCA()
         self.lifetime = lifetime
         self.fail = fail or set()
@@ -222,7 +221,9 @@ class FakeIssuer(Issuer):
         chain, key = self.ca.issue(names, self.lifetime)
         return Issued(chain, key, "https://ca.test/order/1", 0.0, 0)
 
-    def renewal_window(self, chain_pem: bytes) -> tuple[datetime, datetime] | None:
+    def renewal_window(
+        self, chain_pem: bytes, directory: str = ""
+    ) -> tuple[datetime, datetime] | None:
         return self.window
 
 
@@ -253,7 +254,7 @@ async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_eac
     renewer = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [],
         sink,
         issuer=issuer,
         on_outcome=outcomes.append,
@@ -296,7 +297,7 @@ async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: 
     running = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [],
         sink,
         issuer=FakeIssuer(storage, lifetime=3600),
         poll_interval=0.2,
@@ -310,7 +311,7 @@ async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: 
         other = Renewer(
             ACMESettings(DIRECTORY),
             storage,
-            MemoryChallengeStore(),
+            [],
             issuer=FakeIssuer(storage, lifetime=3600),
         )
         outcome = await asyncio.to_thread(other.renew, request, force=True)
@@ -325,7 +326,7 @@ async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: 
 def test_ari_window_from_the_ca_sets_the_due_time(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path)
     issuer = FakeIssuer(storage, lifetime=90 * 86400)
-    renewer = Renewer(ACMESettings(DIRECTORY), storage, MemoryChallengeStore(), issuer=issuer)
+    renewer = Renewer(ACMESettings(DIRECTORY), storage, [], issuer=issuer)
     request = CertificateRequest("ari.test", ("ari.test",))
     outcome = renewer.renew(request)
     assert outcome.certificate is not None
@@ -351,7 +352,7 @@ def test_a_half_written_certificate_is_not_used(tmp_path: Path) -> None:
     renewer = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [],
         issuer=FakeIssuer(storage, lifetime=3600),
     )
     request = CertificateRequest("h.test", ("h.test",))
@@ -385,7 +386,7 @@ def test_rate_limited_errors_carry_the_cas_retry_after(tmp_path: Path) -> None:
     # the renewer waits until then, since the current certificate outlives it
     storage = FileStorage(tmp_path)
     issuer = FakeIssuer(storage, lifetime=3600)
-    renewer = Renewer(ACMESettings(DIRECTORY), storage, MemoryChallengeStore(), issuer=issuer)
+    renewer = Renewer(ACMESettings(DIRECTORY), storage, [], issuer=issuer)
     request = CertificateRequest("r.test", ("r.test",))
     assert renewer.renew(request).status == "issued"
 
@@ -397,3 +398,16 @@ def test_rate_limited_errors_carry_the_cas_retry_after(tmp_path: Path) -> None:
     assert outcome.status == "failed"
     assert outcome.meta is not None and outcome.meta.next_attempt == found.retry_after
     assert renewer.renew(request).status == "fresh"
+
+
+def test_dns01_txt_value_and_record_name_agree_with_the_acme_library() -> None:
+    from acme import challenges
+    from josepy.jwk import JWKEC
+
+    from acme_client.dns01 import record_name, txt_value
+
+    key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+    chall = challenges.DNS01(token=b"0123456789abcdef0123456789abcdef")
+    assert txt_value(chall.key_authorization(key)) == chall.validation(key)
+    assert record_name("*.Apps.Example.test.") == "_acme-challenge.apps.example.test."
+    assert record_name("a.test") == chall.validation_domain_name("a.test") + "."

@@ -369,7 +369,8 @@ def test_a_bad_value_is_named_by_its_key(toml: str, expected: str) -> None:
         ),
         (
             {"tls": "internal"},
-            "sites[0]: unknown key 'tls' (allowed: hosts, upstreams, routes, cert, key, hsts)",
+            "sites[0]: unknown key 'tls' "
+            "(allowed: hosts, upstreams, routes, cert, key, hsts, on_demand)",
         ),
     ],
 )
@@ -423,7 +424,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
         "server: unknown key 'https_listens' (allowed: https_listen, http_listen, https_port, "
     )
     assert "shutdown_timeout" in found[1]
-    assert found[2] == "tls: unknown key 'storge' (allowed: storage, issuer)"
+    assert found[2] == "tls: unknown key 'storge' (allowed: storage, issuer, on_demand)"
     assert found[3].startswith("acme: unknown key 'foo' (allowed: directory, email, ca_bundle")
 
 

@@ -22,10 +22,13 @@ from acme_client.account import ACMESettings
 from acme_client.challenges import StorageChallengeStore
 from acme_client.interfaces import MemoryChallengeStore
 from acme_client.keys import inspect
+from acme_client.location import open_storage
 from acme_client.records import CertificateRecords, Metadata
 from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_problem
 from acme_client.renewer import CertificateRequest, Renewer
-from acme_client.storage import LockBusy, open_storage
+from acme_client.solvers import HTTP01Solver
+from acme_client.storage import LockBusy
+from acme_client.tlsalpn import ALPNChallenges
 from proxy.certs.acme_sites import watch_changes
 from tests.support import free_port, stop_process
 from tests.test_acme_units import DIRECTORY, LocalCA, Sink, wait_for
@@ -115,6 +118,17 @@ def test_challenge_tokens_are_shared_and_expire(server: RedisServer) -> None:
     assert 0 < client.ttl(f"tlsproxy:acme/challenges/{TOKEN}") <= 3600
     writer.delete(TOKEN)
     assert reader.get(TOKEN) is None
+
+
+def test_tls_alpn_challenges_are_shared_by_replicas_and_expire(server: RedisServer) -> None:
+    writer = ALPNChallenges(open_storage(server.url))  # the replica that orders
+    reader = ALPNChallenges(open_storage(server.url))  # the replica the CA reaches
+    writer.put("app.test", TOKEN + ".thumb")
+    assert reader.get("app.test") == TOKEN + ".thumb"
+    client = redis.Redis(port=server.port)
+    assert 0 < client.ttl("tlsproxy:acme/challenges/tls-alpn-01/app.test") <= 3600
+    writer.delete("app.test")
+    assert reader.get("app.test") is None
 
 
 def test_lock_is_exclusive_renewed_and_released_by_its_owner(server: RedisServer) -> None:
@@ -216,7 +230,7 @@ async def test_a_replica_installs_what_another_stored(server: RedisServer, annou
     renewer = Renewer(
         ACMESettings(DIRECTORY),
         storage,
-        MemoryChallengeStore(),
+        [HTTP01Solver(MemoryChallengeStore())],
         sink,
         poll_interval=30.0 if announced else 1.0,
     )

@@ -37,9 +37,8 @@ from proxy.certs.sources import (
     CertificateManager,
     describe_certificates,
     renewal_due,
-    safe_name,
 )
-from proxy.certs.store import CertStore, make_entry
+from proxy.certs.store import CertStore, make_entry, safe_name
 from proxy.config import Site, TLSConfig
 from proxy.tasks import spawn
 
@@ -495,3 +494,23 @@ def test_file_watcher_swaps_certificates_and_ignores_a_mismatched_pair(
     warnings_logged = [r for r in caplog.records if r.name == "tlsproxy.certs"]
     assert any("is not the key of the certificate" in r.getMessage() for r in warnings_logged)
     assert sum("not the key" in r.getMessage() for r in warnings_logged) == 1  # logged once
+
+
+def test_the_maintenance_pass_reissues_a_temporary_certificate_when_due(tmp_path: Path) -> None:
+    """An ACME site with no certificate yet serves a temporary one; a CA outage longer
+    than its life must not leave it expired: the same pass as files and leaves renews it."""
+    from proxy.certs.acme_sites import TEMPORARY_SOURCE
+    from proxy.config import Upstream
+
+    store = CertStore()
+    site = Site(hosts=("tmp.test",), upstreams=(Upstream("127.0.0.1", 9),))
+    manager = CertificateManager(store, [site], TLSConfig(storage=str(tmp_path)))
+    manager.load_all()  # the renewer is not run: no CA is contacted
+    first = store.get("tmp.test")
+    assert first is not None and first.source == TEMPORARY_SOURCE
+    manager.tick(now=first.not_before + timedelta(hours=1))  # not due
+    assert store.get("tmp.test") is first
+    manager.tick(now=first.not_after - timedelta(seconds=1))
+    second = store.get("tmp.test")
+    assert second is not None and second.source == TEMPORARY_SOURCE
+    assert second.serial != first.serial

@@ -40,10 +40,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from acme_client.records import CertificateRecords, Metadata
+from acme_client.schedule import renewal_due
 from acme_client.storage import FileStorage
 from proxy import metrics
 from proxy.certs import acme_sites
-from proxy.certs.sources import CertificateStatus, describe_certificates
+from proxy.certs.sources import CertificateStatus, certificate_sites, describe_certificates
 from proxy.certs.store import CertEntry, CertStore
 from proxy.config import Config, Site, Upstream
 from proxy.http.upstream import UpstreamPool
@@ -201,21 +202,23 @@ def _requests(site: str, view: _View) -> dict[str, Any]:
 
 
 def _certificates(config: Config, store: CertStore, now: datetime) -> list[dict[str, Any]]:
+    sites = certificate_sites(config.sites, config.tls)
     rows = describe_certificates(config.sites, config.tls, config.acme)
-    metas = _acme_metadata(config)
+    metas = _acme_metadata(config, sites)
     return [
         _certificate(site, row, store.get(site.hosts[0]), metas.get(site.name), now)
-        for site, row in zip(config.sites, rows, strict=True)
+        for site, row in zip(sites, rows, strict=True)
     ]
 
 
-def _acme_metadata(config: Config) -> dict[str, Metadata]:
+def _acme_metadata(config: Config, sites: list[Site]) -> dict[str, Metadata]:
     """Each ACME site's ``meta.json`` (last attempt, failures, next attempt)."""
-    if "://" in config.tls.storage:
+    directory = config.tls.location.directory
+    if directory is None:
         return {}
-    records = CertificateRecords(FileStorage(config.tls.storage), config.acme.directory)
+    records = CertificateRecords(FileStorage(directory), config.acme.cas[0].directory)
     found: dict[str, Metadata] = {}
-    for site in config.sites:
+    for site in sites:
         if acme_sites.uses_acme(site, config.tls):
             meta = records.meta(acme_sites.request_for(site).site)
             if meta is not None:
@@ -263,7 +266,7 @@ def certificate_state(
     lifetime = entry.not_after - entry.not_before
     if entry.not_after - now < min(EXPIRING_SOON, lifetime / 6):
         return "expiring soon"
-    due = entry.not_after - lifetime / 3
+    due = renewal_due(entry.not_before, entry.not_after)
     if entry.source == acme_sites.TEMPORARY_SOURCE or now >= due:
         return "renewing"
     return "ok"

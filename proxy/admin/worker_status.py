@@ -28,9 +28,8 @@ FRESH = 10.0  # older snapshots belong to workers that are gone
 
 def directory(tls: TLSConfig) -> Path | None:
     """Where snapshots go: beside the certificates (not available with Redis storage)."""
-    if "://" in tls.storage:
-        return None
-    return Path(tls.storage, "status", "workers")
+    directory = tls.location.directory
+    return None if directory is None else directory / "status" / "workers"
 
 
 def snapshot(pool: UpstreamPool, sites: Sequence[Site]) -> dict[str, Any]:

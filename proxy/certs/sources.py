@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import ssl
 import threading
 from collections.abc import Sequence
@@ -23,19 +22,20 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from acme_client import schedule
 from acme_client.interfaces import ChallengeStore, MemoryChallengeStore
+from acme_client.location import open_storage
+from acme_client.ondemand_index import OnDemandIndex
 from proxy.certs import acme_sites
 from proxy.certs.internal_ca import DEFAULT_LEAF_LIFETIME, InternalCA, InternalCAError
 from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, locked, make_private_dir, write_atomic
-from proxy.certs.store import CertEntry, CertStore, make_entry, normalize
+from proxy.certs.store import CertEntry, CertStore, make_entry, normalize, safe_name
 from proxy.config import ACMEConfig, Site, TLSConfig
 
 log = logging.getLogger("tlsproxy.certs")
 
 POLL_INTERVAL = 2.0  # seconds between checks of cert/key files (the contract says <= 10 s)
 MIN_SLEEP = 0.05  # never spin, whatever the due times say
-RETRY_MIN = timedelta(minutes=1)  # first retry after a failed internal re-issue, then doubling
-RETRY_MAX = timedelta(hours=1)
 
 
 class CertificateError(Exception):
@@ -48,8 +48,8 @@ class CertificateError(Exception):
 
 
 def renewal_due(entry: CertEntry) -> datetime:
-    """When a third of the certificate's lifetime remains (Let's Encrypt's advice, certmagic's)."""
-    return entry.not_after - (entry.not_after - entry.not_before) / 3
+    """When to renew an installed certificate: :mod:`acme_client.schedule`'s rule."""
+    return schedule.renewal_due(entry.not_before, entry.not_after)
 
 
 # -- files -------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class InternalCertificate:
         self.directory = storage / "certificates" / "internal" / safe_name(site.name)
         self.entry: CertEntry | None = None
         self.retry_at: datetime | None = None  # set after a failed re-issue
-        self._backoff = RETRY_MIN
+        self.failures = 0  # re-issues in a row that failed (the backoff's exponent)
 
     @property
     def identity(self) -> tuple[object, ...]:
@@ -228,19 +228,14 @@ class InternalCertificate:
         try:
             entry = self.prepare(now)
         except CertificateError as exc:
-            self.retry_at = datetime.now(UTC) + self._backoff
-            log.error("%s; retrying in %s", exc, self._backoff)
-            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            self.failures += 1
+            delay = schedule.retry_delay(self.failures, self.lifetime)
+            self.retry_at = datetime.now(UTC) + delay
+            log.error("%s; retrying in %s", exc, delay)
             return False
-        self.retry_at, self._backoff = None, RETRY_MIN
+        self.retry_at, self.failures = None, 0
         self.store.install_entry(entry)
         return True
-
-
-def safe_name(host: str) -> str:
-    """A host as a directory name: ``*.example.com`` -> ``wildcard_.example.com``."""
-    name = normalize(host).replace("*", "wildcard_").replace(":", "-")
-    return re.sub(r"[^a-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 # -- the `certs` table ------------------------------------------------------------------
@@ -260,8 +255,21 @@ class CertificateStatus:
 def describe_certificates(
     sites: Sequence[Site], tls: TLSConfig, acme: ACMEConfig | None = None
 ) -> list[CertificateStatus]:
-    """What each site would serve now; never creates or issues anything."""
-    return [_describe(site, tls, acme or ACMEConfig()) for site in sites]
+    """What each site would serve now, then each name that got a certificate on demand
+    (one row per :func:`certificate_sites` entry); never creates or issues anything."""
+    return [_describe(site, tls, acme or ACMEConfig()) for site in certificate_sites(sites, tls)]
+
+
+def certificate_sites(sites: Sequence[Site], tls: TLSConfig) -> list[Site]:
+    """The sites, then one per on-demand name in storage (its certificate is its own)."""
+    if tls.issuer != "acme" or not any(site.on_demand for site in sites):
+        return list(sites)
+    try:
+        names = OnDemandIndex(open_storage(tls.location)).names()
+    except Exception as exc:  # Redis unreachable: the configured sites still get their rows
+        log.warning("on-demand names unreadable: %s", exc)
+        names = []
+    return [*sites, *(Site((name,), ()) for name in names)]
 
 
 def _describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> CertificateStatus:
@@ -271,8 +279,9 @@ def _describe(site: Site, tls: TLSConfig, acme: ACMEConfig) -> CertificateStatus
         return CertificateStatus(
             site.hosts, "file", not_after, "when the files change", _file_error(site)
         )
-    if tls.issuer == "internal" and "://" not in tls.storage:
-        directory = Path(tls.storage, "certificates", "internal", safe_name(site.name))
+    storage = tls.location.directory
+    if tls.issuer == "internal" and storage is not None:
+        directory = storage / "certificates" / "internal" / safe_name(site.name)
         leaf = _read_leaf(directory / "cert.pem")
         if leaf is None:
             return CertificateStatus(site.hosts, "internal", "-", "at start", None)
@@ -326,10 +335,12 @@ class CertificateManager:
         challenges: ChallengeStore | None = None,
         poll_interval: float = POLL_INTERVAL,
         lifetime: timedelta = DEFAULT_LEAF_LIFETIME,
+        http_listen: bool = True,
     ) -> None:
         self.store = store
         self.poll_interval = poll_interval
         self.lifetime = lifetime
+        self.http_listen = http_listen  # something answers HTTP-01 (server.http_listen)
         self._sites = tuple(sites)
         self._tls = tls
         self._acme_config = acme or ACMEConfig()
@@ -350,7 +361,11 @@ class CertificateManager:
         self.reload(self._sites, self._tls)
 
     def reload(
-        self, sites: Sequence[Site], tls: TLSConfig | None = None, acme: ACMEConfig | None = None
+        self,
+        sites: Sequence[Site],
+        tls: TLSConfig | None = None,
+        acme: ACMEConfig | None = None,
+        http_listen: bool | None = None,
     ) -> None:
         """Switch to a new site list (SIGHUP): all sources are prepared before any is installed.
 
@@ -359,17 +374,19 @@ class CertificateManager:
         """
         tls = self._tls if tls is None else tls
         acme = self._acme_config if acme is None else acme
+        http_listen = self.http_listen if http_listen is None else http_listen
         with self._lock:
             files, internal = self._sources(sites, tls)
             entries = [s.prepare() for s in files if s.identity not in self._file_ids()]
             entries += [s.prepare() for s in internal if s.entry is None]
-            plan = self.acme.prepare(sites, tls, acme)
+            plan = self.acme.prepare(sites, tls, acme, http_listen)
             for entry in [*entries, *plan.entries]:
                 self.store.install_entry(entry)
-            self.store.retain(h for site in sites for h in site.hosts)
+            kept = [*plan.keep, *(self.acme.demanded if plan.on_demand else ())]
+            self.store.retain([*(h for site in sites for h in site.hosts), *kept])
             self.acme.commit(plan)
             self._sites, self._tls, self._files, self._internal = tuple(sites), tls, files, internal
-            self._acme_config = acme
+            self._acme_config, self.http_listen = acme, http_listen
 
     def _file_ids(self) -> set[tuple[object, ...]]:
         return {s.identity for s in self._files}
@@ -393,10 +410,11 @@ class CertificateManager:
         return files, internal
 
     def _storage(self, site: Site, tls: TLSConfig) -> Path:
-        if "://" in tls.storage:
+        directory = tls.location.directory
+        if directory is None:
             reason = f"the internal issuer needs a directory as tls.storage, not {tls.storage!r}"
             raise CertificateError(site.name, reason)
-        return Path(tls.storage)
+        return directory
 
     def _load_ca(self, site: Site, storage: Path) -> InternalCA:
         if self._ca is None or self._ca.directory != storage / "ca":
@@ -407,7 +425,8 @@ class CertificateManager:
         return self._ca
 
     def tick(self, now: datetime | None = None) -> None:
-        """One maintenance pass: re-read changed files, re-issue due internal leaves."""
+        """One maintenance pass: re-read changed files, re-issue due internal leaves and
+        temporary certificates."""
         now = datetime.now(UTC) if now is None else now
         with self._lock:
             for source in self._files:
@@ -421,19 +440,21 @@ class CertificateManager:
                         leaf.renew(now)
                     except Exception:
                         log.exception("site %s: internal re-issue failed", leaf.site.name)
+            self.acme.keep_temporaries(now)
 
     async def run(self) -> None:
-        """Maintain certificates until cancelled: files and internal leaves here, ACME sites
-        in their renewer."""
+        """Maintain certificates until cancelled: files, internal leaves and temporary
+        certificates in one loop here, ACME certificates in their renewer's."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._run_local())
             group.create_task(self.acme.run())
 
     async def _run_local(self) -> None:
-        """Files every ``poll_interval`` seconds, internal leaves when due."""
+        """Files every ``poll_interval`` seconds; internal leaves and temporaries when due."""
         while True:
             now = datetime.now(UTC)
-            if self._files or any(leaf.due <= now for leaf in self._internal):
+            due = any(leaf.due <= now for leaf in self._internal) or self.acme.temporary_due(now)
+            if self._files or due:
                 await asyncio.to_thread(self.tick, now)
             await asyncio.sleep(self._sleep_time())
 

@@ -9,6 +9,7 @@ always sees a consistent mapping, and an open connection keeps the context it st
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -101,6 +102,12 @@ def normalize(name: str) -> str:
     """The lookup key for a host name: lower case, no trailing dot."""
     name = name.lower()
     return name[:-1] if name.endswith(".") else name
+
+
+def safe_name(host: str) -> str:
+    """A host as a directory name: ``*.example.com`` -> ``wildcard_.example.com``."""
+    name = normalize(host).replace("*", "wildcard_").replace(":", "-")
+    return re.sub(r"[^a-z0-9._-]", "_", name).lstrip(".") or "_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +220,11 @@ class CertStore:
             if context is not None:
                 return context
         return snapshot.default.context if snapshot.default is not None else None
+
+    def covers(self, server_name: str) -> bool:
+        """Whether a certificate is installed for the name, exactly or by wildcard (the
+        default certificate does not count)."""
+        return _match(self._snapshot.contexts, normalize(server_name)) is not None
 
     def get(self, name: str) -> CertEntry | None:
         """The entry installed under exactly ``name`` (no wildcard or default fallback)."""

@@ -44,6 +44,7 @@ class Router:
     def __init__(self, sites: Sequence[Site], pool: Health) -> None:
         self._exact: dict[str, SiteRoutes] = {}
         self._wildcard: dict[str, SiteRoutes] = {}
+        self._any: SiteRoutes | None = None  # hosts = ["*"]: an on-demand catch-all site
         self._cache: dict[bytes, SiteRoutes | None] = {}
         for site in sites:
             hsts = (b"strict-transport-security", site.hsts.encode()) if site.hsts else None
@@ -55,7 +56,9 @@ class Router:
             )
             routes = SiteRoutes(prefixes, fallback)
             for host in site.hosts:
-                if host.startswith("*."):
+                if host == "*":
+                    self._any = routes
+                elif host.startswith("*."):
                     self._wildcard[host[2:]] = routes
                 else:
                     self._exact[host] = routes
@@ -84,4 +87,4 @@ class Router:
         found = self._exact.get(host)
         if found is None and "." in host:
             found = self._wildcard.get(host.split(".", 1)[1])
-        return found
+        return found if found is not None else self._any

@@ -36,6 +36,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+from proxy.tls import clienthello
 from proxy.tls.admission import Gate, Ticket
 from proxy.tls.policy import FAILURE_ATTRIBUTE
 
@@ -48,26 +49,42 @@ _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
 )
+ACME_TLS_ALPN = b"acme-tls/1"  # RFC 8737's ALPN protocol
+_UNRECOGNIZED_NAME_ALERT = b"\x15\x03\x03\x00\x02\x02\x70"  # fatal unrecognized_name (112)
 _SSL_EXTRA = {"ssl_object", "sslcontext", "peercert", "cipher", "compression"}
 
 
 class TLSListener:
     """What every connection accepted on one TLS listener shares; its ``__call__`` is the
-    protocol factory for ``loop.create_server`` (no ``ssl=``: this module does TLS)."""
+    protocol factory for ``loop.create_server`` (no ``ssl=``: this module does TLS).
 
-    __slots__ = ("app_factory", "context", "gate")
+    ``alpn_challenge`` (TLS-ALPN-01, RFC 8737): given the server name of a ClientHello that
+    offers ``acme-tls/1``, the context serving that name's challenge certificate, or None
+    when no challenge is pending for it.
+
+    ``hold`` (on-demand TLS): given a ClientHello's server name, None to go on at once, or a
+    future the handshake waits for: True, go on (a certificate is installed now); False,
+    refuse with an ``unrecognized_name`` alert. Without either hook no ClientHello is
+    looked at.
+    """
+
+    __slots__ = ("alpn_challenge", "app_factory", "context", "gate", "hold")
 
     def __init__(
         self,
         context: ssl.SSLContext,
         gate: Gate,
         app_factory: Callable[[str | None], asyncio.Protocol],
+        alpn_challenge: Callable[[str], ssl.SSLContext | None] | None = None,
+        hold: Callable[[str | None], asyncio.Future[bool] | None] | None = None,
     ) -> None:
         """``app_factory(alpn)`` makes the protocol layer for the ALPN protocol the handshake
         chose (None: the client offered none)."""
         self.context = context
         self.gate = gate
         self.app_factory = app_factory
+        self.alpn_challenge = alpn_challenge
+        self.hold = hold
 
     def __call__(self) -> TLSConnection:
         return TLSConnection(self)
@@ -79,7 +96,9 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
     __slots__ = (
         "_app",
         "_app_data",
+        "_challenge",
         "_closing",
+        "_hello",
         "_incoming",
         "_listener",
         "_outgoing",
@@ -100,6 +119,8 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self._app_data: Callable[[bytes], None] | None = None
         self._closing = False
         self._paused = False
+        self._hello: bytearray | None = None  # the ClientHello so far, while it is looked at
+        self._challenge: str | None = None  # a TLS-ALPN-01 validation for this name
 
     # -- below: the TCP transport ---------------------------------------------------------
 
@@ -110,8 +131,14 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             self._closing = True
             tcp.abort()
             return
-        incoming, outgoing = self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._sslobj = self._listener.context.wrap_bio(incoming, outgoing, server_side=True)
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._use(self._listener.context)
+        if self._listener.alpn_challenge is not None or self._listener.hold is not None:
+            self._hello = bytearray()
+
+    def _use(self, context: ssl.SSLContext) -> None:
+        """Handshake with ``context`` (bytes already in the incoming BIO are kept)."""
+        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         inner = self._sslobj._sslobj  # type: ignore[attr-defined]  # the C object
         # bound C methods: no Python frame per record
         self._read, self._write, self._pending = inner.read, inner.write, inner.pending
@@ -121,7 +148,72 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         if self._app is not None:
             self._deliver()
         elif self._ticket is not None:
+            if self._hello is not None and not self._read_hello(data):
+                return  # the ClientHello is not complete yet
             self._handshake()
+
+    def _read_hello(self, data: bytes) -> bool:
+        """The phase before the handshake when TLS-ALPN-01 is on: a ClientHello offering
+        ``acme-tls/1`` for a name with a pending challenge gets the challenge certificate
+        (and no application after the handshake). False while the ClientHello is incomplete.
+        An ordinary ClientHello costs one substring search: ``acme-tls/1`` is not in it."""
+        hello, listener = self._hello, self._listener
+        assert hello is not None
+        hello += data
+        if (
+            listener.hold is None
+            and ACME_TLS_ALPN not in hello
+            and clienthello.complete_in_first_record(hello)
+        ):
+            self._hello = None
+            return True
+        found = clienthello.parse(bytes(hello))
+        if found == clienthello.NEED_MORE:
+            return False
+        self._hello = None
+        if not isinstance(found, clienthello.ClientHello):
+            return True
+        alpn_challenge = listener.alpn_challenge
+        if alpn_challenge is not None and ACME_TLS_ALPN in found.alpn and found.server_name:
+            context = alpn_challenge(found.server_name)
+            if context is not None:
+                self._use(context)
+                self._challenge = found.server_name
+                return True
+        wait = listener.hold(found.server_name) if listener.hold is not None else None
+        if wait is None:
+            return True
+        self._hold(wait)
+        return False
+
+    def _hold(self, wait: asyncio.Future[bool]) -> None:
+        """On-demand TLS: the ClientHello waits (reading paused) while its certificate is
+        obtained. It leaves the gate's handshake clock meanwhile (the wait has its own
+        bound) and comes back through admission afterwards."""
+        ticket, self._ticket = self._ticket, None
+        assert ticket is not None and self._tcp is not None
+        self._listener.gate.ended(ticket)
+        self._tcp.pause_reading()
+        wait.add_done_callback(self._held)
+
+    def _held(self, wait: asyncio.Future[bool]) -> None:
+        tcp = self._tcp
+        if self._closing or tcp is None:
+            return  # the client gave up
+        self._ticket = self._listener.gate.admit(self)
+        if self._ticket is None:
+            self._closing = True
+            tcp.abort()
+            return
+        tcp.resume_reading()
+        if not wait.cancelled() and wait.result():
+            self._handshake()
+            return
+        ticket, self._ticket = self._ticket, None
+        self._listener.gate.ended(ticket, "unknown_sni")
+        self._closing = True
+        tcp.write(_UNRECOGNIZED_NAME_ALERT)
+        tcp.close()
 
     def eof_received(self) -> bool:
         app = self._app
@@ -165,6 +257,11 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             return
         self._ticket = None
         self._listener.gate.ended(ticket)
+        if self._challenge is not None:  # the CA has seen the certificate: that is all
+            log.info("answered a TLS-ALPN-01 validation for %s", self._challenge)
+            self._flush()
+            self.close()
+            return
         if self._sslobj.version() != "TLSv1.3":  # TLS 1.2: our Finished, which the client awaits
             self._flush()
         # In TLS 1.3 only session tickets wait and no client waits for them: they leave with
