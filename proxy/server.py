@@ -195,7 +195,8 @@ class Proxy:
                     return H2Connection(runtime, port)
                 return H1Connection(runtime, port)
 
-            factory = TLSListener(self._context, self.gate, client, self._alpn_challenge)
+            factory = TLSListener(self._context, self.gate, client)
+            factory.alpn_challenge = self._alpn_hook(self.config)
             factory.hold = self._on_demand_hold()
             self._tls_listeners.append(factory)
         else:
@@ -220,12 +221,16 @@ class Proxy:
             raise OSError(exc.errno, f"cannot listen on {address} ({kind}): {reason}") from None
         return _Open(kind, address, server, connections)
 
-    def _alpn_challenge(self, name: str) -> ssl.SSLContext | None:
-        """TLS-ALPN-01: the challenge context for ``name`` while ACME with tls-alpn-01 is
-        configured (looked up when a ClientHello offers ``acme-tls/1``)."""
-        acme = self.config.acme
-        if self.config.tls.issuer != "acme" or "tls-alpn-01" not in acme.challenges:
+    def _alpn_hook(self, config: Config) -> Callable[[str], ssl.SSLContext | None] | None:
+        """The TLS listeners' TLS-ALPN-01 hook while ACME with tls-alpn-01 is configured;
+        without it no ClientHello is looked at (a handshake costs nothing more)."""
+        if config.tls.issuer != "acme" or "tls-alpn-01" not in config.acme.challenges:
             return None
+        return self._alpn_challenge
+
+    def _alpn_challenge(self, name: str) -> ssl.SSLContext | None:
+        """TLS-ALPN-01: the challenge context for ``name`` (looked up when a ClientHello
+        offers ``acme-tls/1``)."""
         if self._alpn is None:
             self._alpn = ALPNChallengeContexts(
                 ALPNChallenges(open_storage(self.config.tls.location))
@@ -249,6 +254,7 @@ class Proxy:
         )
         for listener in self._tls_listeners:
             listener.hold = self._on_demand_hold()
+            listener.alpn_challenge = self._alpn_hook(config)
 
     def _responder_now(self) -> HTTPResponder:
         assert self._responder is not None

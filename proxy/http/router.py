@@ -1,12 +1,13 @@
-"""Host (and optional path prefix) to site: built once per configuration, read per request."""
+"""Host (and optional path prefix) to site, and which of the site's upstreams: built once per
+configuration, read per request."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from proxy.config import Site
-from proxy.http.upstream import Balancer, Health
+from proxy.config import Site, Upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +89,37 @@ class Router:
         if found is None and "." in host:
             found = self._wildcard.get(host.split(".", 1)[1])
         return found if found is not None else self._any
+
+
+class Health(Protocol):
+    """What a balancer asks of the pool."""
+
+    def is_up(self, upstream: Upstream) -> bool: ...
+
+
+class Balancer:
+    """Round robin over a site's upstreams, skipping those marked down."""
+
+    def __init__(self, upstreams: Sequence[Upstream], pool: Health) -> None:
+        self._upstreams = tuple(upstreams)
+        self._single = self._upstreams[0] if len(self._upstreams) == 1 else None
+        self._pool = pool
+        self._next = 0
+
+    def pick(self, exclude: frozenset[Upstream] = frozenset()) -> Upstream | None:
+        """The next healthy upstream; when all are down, still try one (it may be back)."""
+        if self._single is not None and not exclude:
+            return self._single
+        count = len(self._upstreams)
+        start = self._next
+        self._next = (start + 1) % count
+        fallback: Upstream | None = None
+        for i in range(count):
+            upstream = self._upstreams[(start + i) % count]
+            if upstream in exclude:
+                continue
+            if self._pool.is_up(upstream):
+                return upstream
+            if fallback is None:
+                fallback = upstream
+        return fallback

@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import cast
 
 from proxy.config import Upstream
 from proxy.http.exchange import CONNECTING, Exchange, UpstreamLink
@@ -295,37 +294,3 @@ class UpstreamPool:
             for conn in list(idle):
                 conn.close()
         self._idle.clear()
-
-
-class Health(Protocol):
-    """What a balancer asks of the pool."""
-
-    def is_up(self, upstream: Upstream) -> bool: ...
-
-
-class Balancer:
-    """Round robin over a site's upstreams, skipping those marked down."""
-
-    def __init__(self, upstreams: Sequence[Upstream], pool: Health) -> None:
-        self._upstreams = tuple(upstreams)
-        self._single = self._upstreams[0] if len(self._upstreams) == 1 else None
-        self._pool = pool
-        self._next = 0
-
-    def pick(self, exclude: frozenset[Upstream] = frozenset()) -> Upstream | None:
-        """The next healthy upstream; when all are down, still try one (it may be back)."""
-        if self._single is not None and not exclude:
-            return self._single
-        count = len(self._upstreams)
-        start = self._next
-        self._next = (start + 1) % count
-        fallback: Upstream | None = None
-        for i in range(count):
-            upstream = self._upstreams[(start + i) % count]
-            if upstream in exclude:
-                continue
-            if self._pool.is_up(upstream):
-                return upstream
-            if fallback is None:
-                fallback = upstream
-        return fallback
