@@ -44,6 +44,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.http.exchange import COMPLETE, DONE, NEVER, Exchange, UpstreamLink
+from proxy.http.h2.decoder import Decoder
 from proxy.http.h2.encoder import StatelessEncoder
 from proxy.http.h2.fields import request_head
 from proxy.http.message import NO_BODY, HTTPError, Response, error_body
@@ -245,7 +246,7 @@ class H2Connection(asyncio.Protocol):
             },
         )
         conn.max_inbound_frame_size = conn.local_settings.max_frame_size  # 16 KiB, as announced
-        conn.decoder.max_header_list_size = 2 * settings.max_header_bytes  # an HPACK bomb's end
+        conn.decoder = Decoder(2 * settings.max_header_bytes)  # type: ignore[assignment]
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
