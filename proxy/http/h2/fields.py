@@ -29,6 +29,8 @@ _CONNECTION_SPECIFIC = frozenset(
 )
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _CHECKED: set[tuple[bytes, bytes]] = set()  # regular fields that passed: clients repeat them
+_CHECKED_PSEUDO: set[tuple[bytes, bytes]] = set()  # pseudo-fields whose value passed
+_BAD_PSEUDO_VALUE = re.compile(rb"[\r\n\0 ]").search
 _CHECKED_MAX = 4096  # then the set starts over (bounded whatever clients send)
 
 
@@ -49,6 +51,7 @@ def request_head(
     fields: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
     checked = _CHECKED
+    checked_pseudo = _CHECKED_PSEUDO
     for field in block:
         name, value = field
         size += len(name) + len(value) + 4  # as an HTTP/1.1 line would count it
@@ -60,6 +63,12 @@ def request_head(
                 raise _malformed(f"{name!r} after a regular field")
             if name not in _PSEUDO or name in pseudo:
                 raise _malformed(f"unknown or repeated pseudo-field {name!r}")
+            if field not in checked_pseudo:
+                if _BAD_PSEUDO_VALUE(value):
+                    raise _malformed(f"CR, LF, NUL or space in {name.decode()}")
+                if len(checked_pseudo) >= _CHECKED_MAX:
+                    checked_pseudo.clear()
+                checked_pseudo.add(field)
             pseudo[name] = value
             continue
         if not name or _BAD_NAME(name):
@@ -89,9 +98,6 @@ def request_head(
         raise _malformed(":method, :scheme and :path are required")
     if pseudo[b":scheme"] != b"https":
         raise _malformed(f"scheme {pseudo[b':scheme']!r} on a TLS connection")
-    for value in (method, path, pseudo.get(b":authority", b"x")):
-        if b"\r" in value or b"\n" in value or b"\0" in value or b" " in value:
-            raise _malformed("CR, LF, NUL or space in a pseudo-field")
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))
     authority = pseudo.get(b":authority")
