@@ -91,6 +91,7 @@ class ServerConfig:
     https_port: int = 443
     workers: int | Literal["auto"] = 1
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_protocol: tuple[IPNetwork, ...] = ()  # balancers that send a PROXY v1/v2 header first
     admin_listen: Address | None = Address("127.0.0.1", 9901)
     admin_token: str = ""  # bearer token for the admin listener; required off loopback
     access_log: Literal["text", "json", "off"] = "text"
@@ -698,6 +699,7 @@ def _server(value: object) -> ServerConfig:
         https_port=t.get("https_port", _port, d.https_port),
         workers=t.get("workers", _workers, d.workers),
         trusted_proxies=t.get("trusted_proxies", _list_of(_network), d.trusted_proxies),
+        proxy_protocol=t.get("proxy_protocol", _list_of(_network), d.proxy_protocol),
         admin_listen=t.get("admin_listen", _address_or_off, d.admin_listen),
         admin_token=t.get("admin_token", _string, d.admin_token),
         access_log=t.get("access_log", _one_of("text", "json", "off"), d.access_log),
