@@ -42,6 +42,7 @@ from proxy.plain.server import Answer, PlainHTTPProtocol, text
 from proxy.tasks import spawn
 from proxy.tls.admission import Gate
 from proxy.tls.connection import TLSListener
+from proxy.tls.proxy_phase import Sources
 
 log = logging.getLogger("tlsproxy")
 
@@ -103,6 +104,7 @@ class Proxy:
         self._runtime: Runtime | None = None
         self._context: ssl.SSLContext | None = None  # the TLS listeners' (certificates by SNI)
         self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
+        self._proxy_sources = Sources()  # who sends a PROXY header; changed in place on reload
         self._certs: CertificateManager | None = None
         self._alpn: ALPNChallengeContexts | None = None  # TLS-ALPN-01 answers, made on first use
         self._on_demand: OnDemand | None = None  # when a site has on_demand = true
@@ -164,6 +166,8 @@ class Proxy:
         self._responder = HTTPResponder(
             self.challenges, lambda: runtime.router, settings.https_port
         )
+        self._proxy_sources.networks = settings.proxy_protocol
+        self._proxy_sources.timeout = settings.handshake_timeout
         try:
             for kind, address in _wanted(settings):
                 self._open[kind, address] = await self._bind(kind, address)
@@ -195,15 +199,25 @@ class Proxy:
                     return H2Connection(runtime, port)
                 return H1Connection(runtime, port)
 
-            factory = TLSListener(self._context, self.gate, client, self._alpn_challenge)
+            factory = TLSListener(
+                self._context,
+                self.gate,
+                client,
+                self._alpn_challenge,
+                proxy_sources=self._proxy_sources,
+            )
             factory.hold = self._on_demand_hold()
             self._tls_listeners.append(factory)
+        elif kind == "admin":  # not behind the balancer: probes and scrapers send no header
+
+            def factory() -> PlainHTTPProtocol:
+                return PlainHTTPProtocol(self._admin, connections)
+
         else:
 
             def factory() -> PlainHTTPProtocol:
                 # port 80's current responder: a reload may change the redirects' port
-                handler = self._admin if kind == "admin" else self._responder_now()
-                return PlainHTTPProtocol(handler, connections)
+                return PlainHTTPProtocol(self._responder_now(), connections, self._proxy_sources)
 
         try:
             server = await loop.create_server(
@@ -364,6 +378,8 @@ class Proxy:
         runtime = self.runtime
         runtime.settings = new
         runtime.peers.clear()  # trusted_proxies may have changed
+        self._proxy_sources.networks = new.proxy_protocol  # for the next accepted connection
+        self._proxy_sources.timeout = new.handshake_timeout
         runtime.pool.connect_timeout = new.upstream_connect_timeout
         runtime.access_log = None if new.access_log == "off" else AccessLog(new.access_log)
         runtime.router = Router(config.sites, runtime.pool)
