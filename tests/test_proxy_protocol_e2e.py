@@ -4,10 +4,12 @@ The proxy runs with ``proxy_protocol = ["127.0.0.2/32"]``. HAProxy (Debian's pac
 ``mode tcp`` connects to it from 127.0.0.2 with ``send-proxy`` or ``send-proxy-v2``, and a
 curl connects to HAProxy from 127.0.0.3 (or ::1): the FastAPI app behind the proxy, which
 trusts the proxy's forwarding headers, must report 127.0.0.3, the client HAProxy saw, and
-the proxy's access log must name it. Raw sockets from 127.0.0.2 send what a balancer might
-(a header in pieces, a header and the ClientHello in one write, a v2 LOCAL health check) and
-what it must not (malformed or oversized headers, none at all, none in time); raw sockets
-from 127.0.0.1, not listed, show that a header from anyone else is never believed.
+the proxy's access log must name it, over HTTP/1.1 and HTTP/2 alike (the header is a phase
+of the TLS connection, below whichever protocol ALPN picks). Raw sockets from 127.0.0.2
+send what a balancer might (a header in pieces, a header and the ClientHello in one
+write, a v2 LOCAL health check) and what it must not (malformed or oversized headers, none
+at all, none in time); raw sockets from 127.0.0.1, not listed, show that a header from
+anyone else is never believed.
 """
 
 from __future__ import annotations
@@ -125,7 +127,9 @@ def haproxy(proxy: ProxyProcess, tmp_path_factory: pytest.TempPathFactory) -> It
     balancer.stop()
 
 
-def through(haproxy: HAProxy, proxy: ProxyProcess, frontend: str, source: str) -> Any:
+def through(
+    haproxy: HAProxy, proxy: ProxyProcess, frontend: str, source: str, http: str = "--http2"
+) -> Any:
     """curl -> HAProxy frontend -> proxy -> app; the app's JSON."""
     port = haproxy.ports[frontend]
     address = "[::1]" if ":" in source else "127.0.0.1"
@@ -136,6 +140,7 @@ def through(haproxy: HAProxy, proxy: ProxyProcess, frontend: str, source: str) -
             "--fail",
             "--max-time",
             "20",
+            http,
             "--interface",
             source,
             "--cacert",
@@ -158,17 +163,19 @@ def through(haproxy: HAProxy, proxy: ProxyProcess, frontend: str, source: str) -
 # -- HAProxy in front ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("http", ["--http1.1", "--http2"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_haproxy_tells_the_app_who_the_client_is(
-    haproxy: HAProxy, proxy: ProxyProcess, version: str
+    haproxy: HAProxy, proxy: ProxyProcess, version: str, http: str
 ) -> None:
-    seen = through(haproxy, proxy, version, CLIENT)
+    seen = through(haproxy, proxy, version, CLIENT, http)
     assert seen["client"] == CLIENT, "the app sees the client HAProxy saw, not the balancer"
     headers = seen["headers"]
     assert headers["x-forwarded-for"] == CLIENT  # the client is not trusted: its claim dropped
     assert headers["x-real-ip"] == CLIENT
     assert f"for={CLIENT}" in headers["forwarded"]
-    assert f'{CLIENT} "GET / HTTP/1.1" 200' in proxy.log()
+    shown = "HTTP/2.0" if http == "--http2" else "HTTP/1.1"
+    assert f'{CLIENT} "GET / {shown}" 200' in proxy.log()
 
 
 @pytest.mark.parametrize("version", ["v1_ipv6", "v2_ipv6"])
