@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -192,6 +193,24 @@ class Podman:
         assert isinstance(size, int)
         return size
 
+    def service(self, endpoint: str, log: Path) -> subprocess.Popen[bytes]:
+        """``podman system service``: the Docker-compatible API on ``endpoint``
+        (``unix:///path`` or ``tcp:127.0.0.1:port``), until stopped."""
+        with log.open("ab") as output:
+            process = subprocess.Popen(
+                ["podman", "system", "service", "--time=0", endpoint],
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 15
+        while not _answers(endpoint):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"podman system service did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        return process
+
     def teardown(self) -> None:
         """Remove every container, image and volume of this session, then its folder."""
         with contextlib.suppress(subprocess.SubprocessError, AssertionError):
@@ -209,6 +228,24 @@ def private_podman() -> Iterator[Podman]:
         yield podman
     finally:
         podman.teardown()
+
+
+def _answers(endpoint: str) -> bool:
+    """Whether the API at ``endpoint`` accepts connections."""
+    family, address = (
+        (socket.AF_UNIX, endpoint.removeprefix("unix://"))
+        if endpoint.startswith("unix://")
+        else (socket.AF_INET, tuple(endpoint.removeprefix("tcp:").rsplit(":", 1)))
+    )
+    target: str | tuple[str, int] = (
+        address if isinstance(address, str) else (address[0], int(address[1]))
+    )
+    with socket.socket(family) as sock:
+        try:
+            sock.connect(target)
+        except OSError:
+            return False
+    return True
 
 
 def wait_logged(podman: Podman, container: str, text: str, timeout: float = 20) -> str:
