@@ -14,6 +14,7 @@ it is back. The measured latency is printed (``pytest -s``).
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import time
@@ -220,6 +221,12 @@ def test_a_host_in_the_file_wins_over_a_label(
         assert (status, body) == (200, f"raw upstream {file_upstream.port}")
         warnings = [line for line in proxy.log().splitlines() if "the file wins" in line]
         assert len(warnings) == 1 and "host shared.test" in warnings[0] and "claims" in warnings[0]
+
+        proxy.process.send_signal(signal.SIGHUP)  # a reload keeps what was discovered
+        wait_until(lambda: "reloaded" in proxy.log())
+        assert get(proxy, "own.test") == (200, "claims")
+        assert get(proxy, "shared.test") == (200, f"raw upstream {file_upstream.port}")
+        assert proxy.log().count("the file wins") == 1, "said once, not again on reload"
     finally:
         remove(podman, "claims")
         assert proxy.stop() == 0, proxy.log()

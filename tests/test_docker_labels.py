@@ -122,6 +122,10 @@ def test_the_only_exposed_port_when_no_port_label() -> None:
             "container bad: tlsproxy.hosts[1]: '10.0.0.1' is an IP address",
         ),
         (
+            {"tlsproxy.hosts": "a.test,*.b.test", "tlsproxy.port": "1"},
+            "container bad: tlsproxy.hosts: '*.b.test': wildcards only in the configuration file",
+        ),
+        (
             {"tlsproxy.hosts": "a.test", "tlsproxy.port": "1", "tlsproxy.hsts": "a\nb"},
             "container bad: tlsproxy.hsts: must be printable ASCII",
         ),

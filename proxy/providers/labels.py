@@ -123,6 +123,9 @@ def _backend(container: Container, prefix: str, network: str) -> _Backend:
         for key in ("hosts", "hsts"):
             message = message.replace(f"labels.{key}", f"{prefix}.{key}")
         raise _Skip(message.replace("labels.upstreams[0]", "its address")) from None
+    wildcards = [h for h in site.hosts if h.startswith("*.")]
+    if wildcards:  # its certificate would need DNS-01, and one bad site must not block others
+        raise _Skip(f"{hosts_label}: {wildcards[0]!r}: wildcards only in the configuration file")
     return _Backend(container.name, site.upstreams[0], site.hosts, site.hsts)
 
 
