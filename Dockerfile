@@ -9,23 +9,32 @@
 ARG PYTHON_IMAGE=python:3.11.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# Where pip finds packages, and extra trust for a TLS-inspecting outbound proxy, if needed:
+#   docker build --build-arg PIP_INDEX_URL=https://mirror.example/simple \
+#       --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt ...
+ARG PIP_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_CERT=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # Pinned dependencies (docker/requirements.txt, wheels only), then the project as a wheel
 # built by a pinned hatchling (docker/build-requirements.txt) without build isolation.
+# The runtime venv has no pip of its own (25 MB of pip and setuptools the image never
+# runs): the build venv's pip installs into it with --python.
 COPY docker/requirements.txt docker/build-requirements.txt docker/
-RUN python -m venv /opt/tlsproxy \
-    && /opt/tlsproxy/bin/pip install --no-cache-dir --only-binary=:all: \
-        -r docker/requirements.txt \
-    && python -m venv /opt/build \
+RUN python -m venv /opt/build \
     && /opt/build/bin/pip install --no-cache-dir --only-binary=:all: \
-        -r docker/build-requirements.txt
+        -r docker/build-requirements.txt \
+    && python -m venv --without-pip /opt/tlsproxy \
+    && /opt/build/bin/pip --python /opt/tlsproxy/bin/python install --no-cache-dir \
+        --only-binary=:all: -r docker/requirements.txt
 COPY pyproject.toml README.md ./
 COPY proxy proxy
 COPY acme_client acme_client
 RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation \
         --wheel-dir /wheels . \
-    && /opt/tlsproxy/bin/pip install --no-cache-dir --no-deps /wheels/*.whl
+    && /opt/build/bin/pip --python /opt/tlsproxy/bin/python install --no-cache-dir \
+        --no-deps /wheels/*.whl
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 tlsproxy \

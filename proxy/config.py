@@ -91,6 +91,7 @@ class ServerConfig:
     https_port: int = 443
     workers: int | Literal["auto"] = 1
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_protocol: tuple[IPNetwork, ...] = ()  # balancers that send a PROXY v1/v2 header first
     admin_listen: Address | None = Address("127.0.0.1", 9901)
     admin_token: str = ""  # bearer token for the admin listener; required off loopback
     access_log: Literal["text", "json", "off"] = "text"
@@ -197,14 +198,31 @@ class ACMEConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DockerConfig:
+    """The ``[docker]`` table: sites discovered from the labels of running containers, read
+    from the Docker Engine API at ``endpoint`` (``unix://`` or ``tcp://``; ``tls_*`` files
+    for a TLS ``tcp://`` endpoint)."""
+
+    endpoint: str = "unix:///var/run/docker.sock"
+    label_prefix: str = "tlsproxy"  # labels <prefix>.enable, .hosts, .port, .hsts
+    network: str = ""  # the container network whose address is used; "" = the only one
+    exposed_by_default: bool = False  # True: every container with hosts, unless enable=false
+    tls_ca: str = ""  # CA file that signed the daemon's certificate (tcp:// with TLS)
+    tls_cert: str = ""  # client certificate and key the daemon asks for
+    tls_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole proxy configuration. Frozen; build it in code, or from TOML with
-    :func:`load_config` / :func:`parse_config`, which validate every key and name it."""
+    :func:`load_config` / :func:`parse_config`, which validate every key and name it.
+    With ``docker`` set, ``sites`` may be empty: sites come from container labels too."""
 
     sites: tuple[Site, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     acme: ACMEConfig = field(default_factory=ACMEConfig)
+    docker: DockerConfig | None = None  # [docker]: discovery from container labels
 
 
 # --- Public API ------------------------------------------------------------------------------
@@ -260,6 +278,11 @@ def parse_upstream(text: str, key: str = "upstream") -> Upstream:
     return _parse(_upstream, text, key)
 
 
+def parse_site(data: Mapping[str, object], key: str = "site") -> Site:
+    """Parse one ``[[sites]]`` table (from container labels, say); problems under ``key``."""
+    return _parse(_site, data, key)
+
+
 def parse_host(text: str, key: str = "host") -> str:
     """Parse a site's host name (``*.example.com`` allowed), e.g. for ``--from``; lower-cased."""
     return _parse(_host, text, key)
@@ -270,7 +293,7 @@ def start_problems(config: Config) -> list[str]:
     refuse it up front instead of failing later. Judged from the configuration alone; what
     it names on disk is :mod:`proxy.preflight`'s."""
     problems: list[str] = []
-    if not config.sites:
+    if not config.sites and config.docker is None:
         problems.append(f"sites: {NO_SITES}")
     location = config.tls.location
     if storage := location.problem():
@@ -698,6 +721,7 @@ def _server(value: object) -> ServerConfig:
         https_port=t.get("https_port", _port, d.https_port),
         workers=t.get("workers", _workers, d.workers),
         trusted_proxies=t.get("trusted_proxies", _list_of(_network), d.trusted_proxies),
+        proxy_protocol=t.get("proxy_protocol", _list_of(_network), d.proxy_protocol),
         admin_listen=t.get("admin_listen", _address_or_off, d.admin_listen),
         admin_token=t.get("admin_token", _string, d.admin_token),
         access_log=t.get("access_log", _one_of("text", "json", "off"), d.access_log),
@@ -936,13 +960,67 @@ def _sites(value: object) -> tuple[Site, ...]:
     return sites
 
 
+_DOCKER_ENDPOINT = re.compile(
+    r"unix:///.+|tcp://[A-Za-z0-9_.-]+:[0-9]{1,5}|tcp://\[[0-9a-fA-F:.]+\]:[0-9]{1,5}"
+)
+_LABEL_PREFIX = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+
+
+def _docker(value: object) -> DockerConfig:
+    t, d = _Table(value, _keys(DockerConfig)), DockerConfig()
+    docker = DockerConfig(
+        endpoint=t.get("endpoint", _docker_endpoint, d.endpoint),
+        label_prefix=t.get("label_prefix", _label_prefix, d.label_prefix),
+        network=t.get("network", _string, d.network),
+        exposed_by_default=t.get("exposed_by_default", _boolean, d.exposed_by_default),
+        tls_ca=t.get("tls_ca", _string, d.tls_ca),
+        tls_cert=t.get("tls_cert", _string, d.tls_cert),
+        tls_key=t.get("tls_key", _string, d.tls_key),
+    )
+    for present, absent in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if t.data.get(present) and not t.data.get(absent):
+            t.found.append((f".{absent}", f"missing: {present} is set, give both or neither"))
+    if (docker.tls_ca or docker.tls_cert) and not docker.endpoint.startswith("tcp://"):
+        t.found.append((".endpoint", "TLS files are for a tcp:// endpoint"))
+    t.done()
+    return docker
+
+
+def _docker_endpoint(value: object) -> str:
+    text = _string(value)
+    if not _DOCKER_ENDPOINT.fullmatch(text):
+        raise _bad("expected 'unix:///var/run/docker.sock' or 'tcp://host:port', got " + repr(text))
+    return text
+
+
+def _label_prefix(value: object) -> str:
+    text = _string(value)
+    if not _LABEL_PREFIX.fullmatch(text):
+        raise _bad(
+            f"expected a label prefix such as 'tlsproxy' or 'com.example.proxy', got {text!r}"
+        )
+    return text
+
+
+def _sites_or_none(value: object) -> tuple[Site, ...]:
+    """With [docker], sites may all come from container labels: an empty list is fine."""
+    return _sites(value) if _items(value) else ()
+
+
 def _config(value: object) -> Config:
     t = _Table(value, _keys(Config))
+    server = t.get("server", _server, ServerConfig())
+    tls = t.get("tls", _tls, TLSConfig())
+    acme = t.get("acme", _acme, ACMEConfig())
+    docker = t.get("docker", _docker, None)
+    if docker is None and "sites" not in t.data:
+        t.found.append((".sites", NO_SITES))
     config = Config(  # read in the order a file usually has, so problems come in that order
-        server=t.get("server", _server, ServerConfig()),
-        tls=t.get("tls", _tls, TLSConfig()),
-        acme=t.get("acme", _acme, ACMEConfig()),
-        sites=t.get("sites", _sites, (), missing=NO_SITES),
+        server=server,
+        tls=tls,
+        acme=acme,
+        docker=docker,
+        sites=t.get("sites", _sites if docker is None else _sites_or_none, (), missing=""),
     )
     t.done()
     return config

@@ -51,6 +51,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TLSPROXY_ADMIN_TOKEN", "server", "admin_token", "string", secret=True),
     Variable("TLSPROXY_ACCESS_LOG", "server", "access_log", "string"),
     Variable("TLSPROXY_TRUSTED_PROXIES", "server", "trusted_proxies", "list"),
+    Variable("TLSPROXY_PROXY_PROTOCOL", "server", "proxy_protocol", "list"),
     Variable("TLSPROXY_SHUTDOWN_TIMEOUT", "server", "shutdown_timeout", "seconds"),
     Variable("TLSPROXY_STORAGE", "tls", "storage", "string"),
     Variable("TLSPROXY_ISSUER", "tls", "issuer", "string"),

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -30,7 +31,7 @@ from proxy.certs.alpn import ALPNChallengeContexts
 from proxy.certs.on_demand import OnDemand
 from proxy.certs.sources import CertificateManager
 from proxy.certs.store import CertStore
-from proxy.config import Address, Config, ConfigError, ServerConfig, start_problems
+from proxy.config import Address, Config, ConfigError, ServerConfig, Site, start_problems
 from proxy.http.accesslog import AccessLog
 from proxy.http.h1.server import H1Connection
 from proxy.http.h2.server import H2Connection
@@ -39,9 +40,13 @@ from proxy.http.runtime import Runtime
 from proxy.http.upstream import UpstreamPool
 from proxy.plain.redirect import HTTPResponder
 from proxy.plain.server import Answer, PlainHTTPProtocol, text
+from proxy.providers.docker import DockerProvider
+from proxy.providers.labels import DiscoveredSite
+from proxy.providers.merge import Merged, merge
 from proxy.tasks import spawn
 from proxy.tls.admission import Gate
 from proxy.tls.connection import TLSListener
+from proxy.tls.proxy_phase import Sources
 
 log = logging.getLogger("tlsproxy")
 
@@ -103,6 +108,7 @@ class Proxy:
         self._runtime: Runtime | None = None
         self._context: ssl.SSLContext | None = None  # the TLS listeners' (certificates by SNI)
         self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
+        self._proxy_sources = Sources()  # who sends a PROXY header; changed in place on reload
         self._certs: CertificateManager | None = None
         self._alpn: ALPNChallengeContexts | None = None  # TLS-ALPN-01 answers, made on first use
         self._on_demand: OnDemand | None = None  # when a site has on_demand = true
@@ -110,6 +116,9 @@ class Proxy:
         self._maintenance: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None  # worker snapshots (workers > 1)
+        self._discovery: asyncio.Task[None] | None = None  # [docker]: sites from labels
+        self._discovered: tuple[DiscoveredSite, ...] = ()  # the provider's last list
+        self.sites: Merged = merge(config.sites, ())  # what is served: the file's + discovered
         self._stopped = asyncio.Event()
         self._reloading = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._stopping: asyncio.Task[None] | None = None
@@ -164,6 +173,8 @@ class Proxy:
         self._responder = HTTPResponder(
             self.challenges, lambda: runtime.router, settings.https_port
         )
+        self._proxy_sources.networks = settings.proxy_protocol
+        self._proxy_sources.timeout = settings.handshake_timeout
         try:
             for kind, address in _wanted(settings):
                 self._open[kind, address] = await self._bind(kind, address)
@@ -176,9 +187,10 @@ class Proxy:
         folder = worker_status.directory(config.tls)
         if self.reuse_port and folder is not None:  # one of several workers
             self._publisher = spawn(
-                worker_status.publish_forever(folder, self.runtime.pool, lambda: self.config.sites),
+                worker_status.publish_forever(folder, self.runtime.pool, lambda: self.sites.sites),
                 name="worker status",
             )
+        self._start_discovery()
         self._log_summary()
 
     async def _bind(self, kind: str, address: Address, *, start_serving: bool = True) -> _Open:
@@ -195,16 +207,22 @@ class Proxy:
                     return H2Connection(runtime, port)
                 return H1Connection(runtime, port)
 
-            factory = TLSListener(self._context, self.gate, client)
+            factory = TLSListener(
+                self._context, self.gate, client, proxy_sources=self._proxy_sources
+            )
             factory.alpn_challenge = self._alpn_hook(self.config)
             factory.hold = self._on_demand_hold()
             self._tls_listeners.append(factory)
+        elif kind == "admin":  # not behind the balancer: probes and scrapers send no header
+
+            def factory() -> PlainHTTPProtocol:
+                return PlainHTTPProtocol(self._admin, connections)
+
         else:
 
             def factory() -> PlainHTTPProtocol:
                 # port 80's current responder: a reload may change the redirects' port
-                handler = self._admin if kind == "admin" else self._responder_now()
-                return PlainHTTPProtocol(handler, connections)
+                return PlainHTTPProtocol(self._responder_now(), connections, self._proxy_sources)
 
         try:
             server = await loop.create_server(
@@ -284,7 +302,11 @@ class Proxy:
                 else None
             )
             document = status.collect(
-                self.config, runtime.pool, self.cert_store, snapshots=snapshots
+                dataclasses.replace(self.config, sites=self.sites.sites),
+                runtime.pool,
+                self.cert_store,
+                snapshots=snapshots,
+                origins=self.sites.origins,
             )
             if path == b"/":
                 return status_page.html_answer(document)
@@ -359,9 +381,12 @@ class Proxy:
         wanted = _wanted(new)
         gone = [key for key in self._open if key not in wanted]
         added, released = await self._bind_new([k for k in wanted if k not in self._open], gone)
+        old_docker = self.config.docker
+        discovered = self._discovered if config.docker == old_docker else ()
+        sites = merge(config.sites, discovered)
         try:
             await asyncio.to_thread(
-                self._certs.reload, config.sites, config.tls, config.acme, bool(new.http_listen)
+                self._certs.reload, sites.sites, config.tls, config.acme, bool(new.http_listen)
             )
         except BaseException:
             await self._undo(added, released)
@@ -370,9 +395,13 @@ class Proxy:
         runtime = self.runtime
         runtime.settings = new
         runtime.peers.clear()  # trusted_proxies may have changed
+        self._proxy_sources.networks = new.proxy_protocol  # for the next accepted connection
+        self._proxy_sources.timeout = new.handshake_timeout
         runtime.pool.connect_timeout = new.upstream_connect_timeout
         runtime.access_log = None if new.access_log == "off" else AccessLog(new.access_log)
-        runtime.router = Router(config.sites, runtime.pool)
+        runtime.router = Router(sites.sites, runtime.pool)
+        self._log_overridden(sites, self.sites)
+        self.sites, self._discovered = sites, discovered
         self._responder = HTTPResponder(self.challenges, lambda: runtime.router, new.https_port)
         self.cert_store.set_alpn(_alpn(new))
         for connection in list(runtime.connections):
@@ -391,7 +420,59 @@ class Proxy:
             log.info("listening: %s on %s", *key)
         if (old.admin_listen, bool(old.admin_token)) != (new.admin_listen, bool(new.admin_token)):
             self._log_admin_exposure()
+        if config.docker != old_docker:
+            self._start_discovery()  # [docker] added, changed or removed
         log.info("reloaded: %d site(s)", len(config.sites))
+
+    # -- sites from container labels ------------------------------------------------------
+
+    def _start_discovery(self) -> None:
+        """Follow the Docker API if ``[docker]`` asks for it (replacing a provider that
+        followed other settings)."""
+        if self._discovery is not None:
+            self._discovery.cancel()
+            self._discovery = None
+        if self.config.docker is not None:
+            provider = DockerProvider(self.config.docker, self._apply_discovered)
+            self._discovery = spawn(provider.run(), name="docker discovery")
+            log.info("discovering sites from container labels at %s", self.config.docker.endpoint)
+
+    async def _apply_discovered(self, discovered: tuple[DiscoveredSite, ...]) -> bool:
+        """The provider's new list of labelled sites: merged with the file's (the file wins),
+        certificates prepared for the result (off the event loop), then the router replaced
+        in one assignment. Open connections, to any site, stay. False if not applied."""
+        async with self._reloading:
+            if self._certs is None or self._stopping is not None:
+                return False
+            config = self.config
+            sites = merge(config.sites, discovered)
+            try:
+                await asyncio.to_thread(self._certs.reload, sites.sites, config.tls, config.acme)
+            except Exception as exc:
+                log.error("discovered sites not applied (the previous ones stay): %s", exc)
+                return False
+            self.runtime.router = Router(sites.sites, self.runtime.pool)
+            before = {h for site in self.sites.sites for h in site.hosts}
+            after = {h for site in sites.sites for h in site.hosts}
+            self._log_overridden(sites, self.sites)
+            self.sites, self._discovered = sites, discovered
+        for host in sorted(after - before):
+            log.info("discovered: %s -> %s", host, _upstreams_of(sites.sites, host))
+        for host in sorted(before - after):
+            log.info("no longer discovered: %s", host)
+        return True
+
+    @staticmethod
+    def _log_overridden(new: Merged, old: Merged) -> None:
+        """One warning per host that a label asks for and the file already has."""
+        for host in sorted(new.overridden.keys() - old.overridden.keys()):
+            containers = ", ".join(new.overridden[host])
+            log.warning(
+                "host %s is in the configuration file and in the labels of %s: "
+                "the file wins, the labels are ignored for it",
+                host,
+                containers,
+            )
 
     async def _bind_new(
         self, keys: list[Key], gone: list[Key]
@@ -476,7 +557,7 @@ class Proxy:
                 if connection.transport is not None:
                     connection.transport.abort()
             runtime.pool.close_idle()
-        for task in (self._maintenance, self._sweeper, self._publisher):
+        for task in (self._discovery, self._maintenance, self._sweeper, self._publisher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -551,3 +632,8 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _upstreams_of(sites: Iterable[Site], host: str) -> str:
+    site = next(site for site in sites if host in site.hosts)
+    return ", ".join(upstream.url for upstream in site.upstreams)

@@ -1,4 +1,5 @@
-"""Fixtures many test modules share: a raw loopback upstream and the DNS server Pebble asks.
+"""Fixtures many test modules share: a raw loopback upstream, the DNS server Pebble asks,
+and a private podman for the container tests.
 
 A module that needs something else under the same name (test_http_strict's recording
 upstream) defines its own fixture, which takes precedence.
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.pebble import LoopbackDNS
+from tests.podman import Podman, private_podman, unavailable
 from tests.support import RawUpstream
 
 
@@ -27,3 +29,15 @@ def dns() -> Iterator[LoopbackDNS]:
     server = LoopbackDNS()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def podman() -> Iterator[Podman]:
+    """This session's own podman (configuration, storage), with the base image imported
+    under the name the Dockerfile's FROM uses; skipped only where no engine can run."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with private_podman() as engine:
+        engine.import_base()
+        yield engine

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, runnable on a fresh Debian machine: installs the system tools the
-# tests drive (curl, openssl, pebble, knot, redis-server, wrk, nginx, chromium), makes .venv with
-# the project and its test extras, then runs ruff, mypy --strict and pytest.
+# tests drive (curl, openssl, pebble, knot, redis-server, wrk, nginx, chromium, podman,
+# haproxy), makes .venv with the project and its test extras, then runs ruff, mypy --strict
+# and pytest.
 # CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,13 @@ command -v wrk >/dev/null || apt_packages+=(wrk)
 command -v h2load >/dev/null || apt_packages+=(nghttp2-client)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_packages+=(nginx-light)
 command -v cc >/dev/null || apt_packages+=(gcc)
+# podman (with runc: crun fails in this sandbox) builds and runs the image, and serves the
+# Docker API for label discovery; mmdebstrap makes its base image (tests/podman.py)
+command -v podman >/dev/null || apt_packages+=(podman)
+command -v runc >/dev/null || apt_packages+=(runc)
+command -v mmdebstrap >/dev/null || apt_packages+=(mmdebstrap)
+# HAProxy in mode tcp sends PROXY protocol headers (tests/test_proxy_protocol_e2e.py)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_packages+=(haproxy)
 # headless Chromium and its WebDriver for the status page test (tests/test_status_browser.py)
 command -v chromium >/dev/null || apt_packages+=(chromium)
 command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)

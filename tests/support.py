@@ -123,6 +123,7 @@ class ProxyProcess:
         server: dict[str, Any] | None = None,
         issuer: str = "internal",
         wait: bool = True,
+        tables: dict[str, dict[str, Any]] | None = None,
     ) -> ProxyProcess:
         https_port, http_port = free_port(), free_port()
         settings: dict[str, Any] = {
@@ -135,6 +136,7 @@ class ProxyProcess:
         config = {
             "server": settings,
             "tls": {"storage": str(directory / "data"), "issuer": issuer},
+            **(tables or {}),
             "sites": list(sites),
         }
         (directory / "proxy.toml").write_text(to_toml(config))

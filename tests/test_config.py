@@ -419,7 +419,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
         + MINIMAL
     )
     assert len(found) == 4
-    assert found[0] == "unknown key 'colour' (allowed: sites, server, tls, acme)"
+    assert found[0] == "unknown key 'colour' (allowed: sites, server, tls, acme, docker)"
     assert found[1].startswith(
         "server: unknown key 'https_listens' (allowed: https_listen, http_listen, https_port, "
     )

@@ -38,6 +38,7 @@ from packaging.utils import canonicalize_name
 
 from proxy.config import Config, ConfigError, parse_address, start_problems
 from proxy.envconfig import VARIABLES, describe, parse_with_env
+from proxy.providers.labels import Container, discover
 from tests.support import ROOT, UvicornApp, free_port, stop_process, wait_for_port, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -640,6 +641,40 @@ def test_compose_example_matches_the_image_and_its_config_checks() -> None:
     [upstream] = config.sites[0].upstreams
     assert (upstream.host, upstream.port) == ("app", options["port"])
     assert "ports" not in app, "the app must be reachable through the proxy only"
+
+
+COMPOSE_LABELS = ROOT / "examples" / "docker-compose.labels.yml"
+
+
+def test_compose_labels_example_routes_the_app_by_its_labels() -> None:
+    """The labels variant: the socket mounted read-only, the socket's group added (the image
+    is not root), and the app's labels give the site the file would have had."""
+    compose = yaml.safe_load(COMPOSE_LABELS.read_text())
+    proxy, app = compose["services"]["tlsproxy"], compose["services"]["app"]
+    assert (COMPOSE_LABELS.parent / proxy["build"] / "Dockerfile").resolve() == DOCKERFILE
+    config = effective_config(compose["configs"]["tlsproxy"]["content"], proxy["environment"])
+    assert config.sites == () and config.docker is not None
+    socket = config.docker.endpoint.removeprefix("unix://")
+    assert f"{socket}:{socket}:ro" in proxy["volumes"]
+    assert proxy["group_add"], "uid 10001 needs the socket's group"
+    assert "tlsproxy-data:/data" in proxy["volumes"]
+
+    network = compose["networks"]["backend"]["name"]
+    assert config.docker.network == network and app["networks"] == ["backend"]
+    inspected = {  # what the engine would say of the app container
+        "Name": "/app",
+        "Config": {"Labels": app["labels"]},
+        "HostConfig": {"NetworkMode": network},
+        "NetworkSettings": {"Networks": {network: {"IPAddress": "172.30.0.3"}}},
+    }
+    found, problems = discover([Container.from_inspect(inspected)], config.docker)
+    assert problems == []
+    [site] = [d.site for d in found]
+    options = uvicorn_options(app["command"])
+    assert [(u.host, u.port) for u in site.upstreams] == [("172.30.0.3", options["port"])]
+    assert site.hosts == ("example.com", "www.example.com") and site.hsts
+    assert options["forwarded_allow_ips"] == proxy["networks"]["backend"]["ipv4_address"]
+    assert "ports" not in app
 
 
 def kubernetes_objects() -> dict[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ Schema (``GET /api/status``; times are ISO 8601 UTC strings or null)::
     {"generated_at": str, "pid": int, "workers": int | "auto",
      "scope": "the whole instance" | "one worker process: ...",
      "sites": [{"name": str, "hosts": [str], "state": "up" | "degraded" | "down",
+                "source": "file" | "docker: <container>, ...",     # where the site came from
                 "upstreams": [{"url": str, "state": "up" | "failing",
                                "failing_since": str | null, "last_error": str | null}],
                 "requests": {"total": int, "by_class": {"2xx": int, ...}, "errors_5xx": int,
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,11 +60,13 @@ def collect(
     store: CertStore,
     now: datetime | None = None,
     snapshots: list[dict[str, Any]] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The whole status document (blocking: reads certificate metadata from storage).
 
     ``snapshots`` are every worker's (proxy/admin/worker_status.py): with them the request counts
-    and upstream health are the whole instance's, not this process's alone.
+    and upstream health are the whole instance's, not this process's alone. ``origins``: site
+    name -> where it came from, for sites that are not the file's (container labels).
     """
     now = datetime.now(UTC) if now is None else now
     view = _View.merged(snapshots) if snapshots else _View.local(pool)
@@ -72,7 +75,9 @@ def collect(
         "pid": os.getpid(),
         "workers": config.server.workers,
         "scope": _scope(config.server.workers, snapshots),
-        "sites": [_site(site, view) for site in config.sites],
+        "sites": [
+            _site(site, view, (origins or {}).get(site.name, "file")) for site in config.sites
+        ],
         "certificates": _certificates(config, store, now),
     }
 
@@ -127,7 +132,7 @@ class _View:
 # -- sites -----------------------------------------------------------------------------------
 
 
-def _site(site: Site, view: _View) -> dict[str, Any]:
+def _site(site: Site, view: _View, source: str) -> dict[str, Any]:
     upstreams = [_upstream(u, view) for u in _all_upstreams(site)]
     failing = sum(1 for u in upstreams if u["state"] == "failing")
     state = "up" if not failing else ("down" if failing == len(upstreams) else "degraded")
@@ -136,6 +141,7 @@ def _site(site: Site, view: _View) -> dict[str, Any]:
         "name": site.name,
         "hosts": list(site.hosts),
         "state": state,
+        "source": source,
         "upstreams": upstreams,
         "requests": _requests(site.name, view),
         "upstream_errors": {k: int(v) for (s, k), v in sorted(errors.items()) if s == site.name},

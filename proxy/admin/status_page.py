@@ -87,8 +87,10 @@ def _site_row(site: dict[str, Any]) -> str:
     requests = site["requests"]
     share = requests["error_share"]
     rate, error_rate = requests["rate_per_s"], requests["error_rate_per_s"]
+    source = site.get("source", "file")
     cells = [
-        _e(site["name"]),
+        _e(site["name"])
+        + ("" if source == "file" else f"<br><span class=muted>{_e(source)}</span>"),
         _badge(site["state"]),
         _list(_e(h) for h in site["hosts"]),
         _list(_upstream(u) for u in site["upstreams"]),

@@ -1,7 +1,10 @@
 """A tiny keep-alive HTTP/1.1 server Protocol for the proxy's own small answers.
 
 Port 80 (ACME tokens and redirects) and the admin listener answer short, bodiless requests
-from a plain function; no streaming, so h11 alone does all the framing.
+from a plain function; no streaming, so h11 alone does all the framing. A connection from a
+balancer listed in ``[server] proxy_protocol`` first has its PROXY header read
+(:mod:`proxy.tls.proxy_phase`, with its own timer here), before h11 sees a byte; ``peer`` is
+then the client that header names.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from http import HTTPStatus
 from typing import cast
 
 import h11
+
+from proxy.tls.proxy_phase import HeaderPhase, Sources
+from proxy.tls.proxy_protocol import ProxyHeader
 
 log = logging.getLogger("tlsproxy.http")
 
@@ -41,17 +47,35 @@ def text(status: int, message: str | None = None) -> Answer:
 class PlainHTTPProtocol(asyncio.Protocol):
     """Answers each request on a plain TCP connection with ``handler(request)``."""
 
-    def __init__(self, handler: Handler, connections: set[asyncio.Transport]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        connections: set[asyncio.Transport],
+        proxy_sources: Sources | None = None,
+    ) -> None:
         self._handler = handler
         self._connections = connections
+        self._proxy_sources = proxy_sources
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.peer: tuple[str, int] | None = None  # the client: the TCP peer or a PROXY header's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
-        self._connections.add(self._transport)
+        tcp = self._transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+        self._connections.add(tcp)
         self._timer = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, transport.close)
+        self.peer = tcp.get_extra_info("peername")
+        sources = self._proxy_sources
+        if sources is not None and sources.networks and sources.expects(tcp):
+            tcp.set_protocol(HeaderPhase(tcp, self, sources.timeout))
+
+    def header_received(self, header: ProxyHeader, rest: bytes) -> None:
+        """The PROXY header phase is over: its source is the client; h11 gets what followed."""
+        if header.source is not None:
+            self.peer = header.source
+        if rest:
+            self.data_received(rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
@@ -84,7 +108,7 @@ class PlainHTTPProtocol(asyncio.Protocol):
                 try:
                     answer = self._handler(request)
                 except Exception:
-                    log.exception("error answering %r", request.target)
+                    log.exception("error answering %r from %s", request.target, self.peer)
                     answer = text(500)
                 self._send(request, answer, close=False)
             elif type(event) is h11.EndOfMessage:

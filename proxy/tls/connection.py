@@ -9,6 +9,10 @@ application about a connection before its handshake has completed, so admission,
 handshake timeouts and the answer to a failed handshake had to be wedged into an
 ``SSLObject`` subclass; here they are plain code.
 
+A connection from a balancer listed in ``[server] proxy_protocol`` starts with one more phase,
+before the handshake: its PROXY header (:mod:`proxy.tls.proxy_phase`), whose source address
+``get_extra_info("peername")`` then returns. Other connections never enter it.
+
 How: the loop's plain TCP transport below, an ``ssl.SSLObject`` over two memory BIOs in
 between, the application's protocol (a :class:`~proxy.http.connection.ClientConnection`) above,
 created when the handshake completes. Encryption is synchronous: a ``write`` encrypts and
@@ -39,6 +43,8 @@ from typing import Any, cast
 from proxy.tls import clienthello
 from proxy.tls.admission import Gate, Ticket
 from proxy.tls.policy import FAILURE_ATTRIBUTE
+from proxy.tls.proxy_phase import HeaderPhase, Sources
+from proxy.tls.proxy_protocol import ProxyHeader
 
 log = logging.getLogger("tlsproxy.tls")
 
@@ -66,9 +72,12 @@ class TLSListener:
     future the handshake waits for: True, go on (a certificate is installed now); False,
     refuse with an ``unrecognized_name`` alert. Without either hook no ClientHello is
     looked at.
+
+    ``proxy_sources`` (PROXY protocol): the peers that send a PROXY header before the
+    handshake (:mod:`proxy.tls.proxy_phase`); from any other peer no header is read.
     """
 
-    __slots__ = ("alpn_challenge", "app_factory", "context", "gate", "hold")
+    __slots__ = ("alpn_challenge", "app_factory", "context", "gate", "hold", "proxy_sources")
 
     def __init__(
         self,
@@ -77,6 +86,7 @@ class TLSListener:
         app_factory: Callable[[str | None], asyncio.Protocol],
         alpn_challenge: Callable[[str], ssl.SSLContext | None] | None = None,
         hold: Callable[[str | None], asyncio.Future[bool] | None] | None = None,
+        proxy_sources: Sources | None = None,
     ) -> None:
         """``app_factory(alpn)`` makes the protocol layer for the ALPN protocol the handshake
         chose (None: the client offered none)."""
@@ -85,6 +95,7 @@ class TLSListener:
         self.app_factory = app_factory
         self.alpn_challenge = alpn_challenge
         self.hold = hold
+        self.proxy_sources = proxy_sources
 
     def __call__(self) -> TLSConnection:
         return TLSConnection(self)
@@ -103,6 +114,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         "_listener",
         "_outgoing",
         "_paused",
+        "_peername",
         "_pending",
         "_read",
         "_sslobj",
@@ -121,6 +133,7 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self._paused = False
         self._hello: bytearray | None = None  # the ClientHello so far, while it is looked at
         self._challenge: str | None = None  # a TLS-ALPN-01 validation for this name
+        self._peername: tuple[str, int] | None = None  # from a PROXY header
 
     # -- below: the TCP transport ---------------------------------------------------------
 
@@ -135,6 +148,9 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         self._use(self._listener.context)
         if self._listener.alpn_challenge is not None or self._listener.hold is not None:
             self._hello = bytearray()
+        sources = self._listener.proxy_sources
+        if sources is not None and sources.networks and sources.expects(tcp):
+            tcp.set_protocol(HeaderPhase(tcp, self))  # under the handshake's ticket and timeout
 
     def _use(self, context: ssl.SSLContext) -> None:
         """Handshake with ``context`` (bytes already in the incoming BIO are kept)."""
@@ -142,6 +158,14 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
         inner = self._sslobj._sslobj  # type: ignore[attr-defined]  # the C object
         # bound C methods: no Python frame per record
         self._read, self._write, self._pending = inner.read, inner.write, inner.pending
+
+    def header_received(self, header: ProxyHeader, rest: bytes) -> None:
+        """The PROXY header phase is over (:mod:`proxy.tls.proxy_phase`): its source is the
+        peer from now on; what followed it starts the handshake."""
+        if header.source is not None:
+            self._peername = header.source
+        if rest:
+            self.data_received(rest)
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
@@ -431,6 +455,8 @@ class TLSConnection(asyncio.Protocol, asyncio.Transport):
             if name == "cipher":
                 return sslobj.cipher()
             return sslobj.compression()
+        if name == "peername" and self._peername is not None:
+            return self._peername
         if self._tcp is None:
             return default
         return self._tcp.get_extra_info(name, default)

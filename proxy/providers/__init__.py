@@ -1,0 +1,1 @@
+"""Where sites come from besides the configuration file: container labels (Docker API)."""
