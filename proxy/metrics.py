@@ -176,6 +176,11 @@ REQUESTS = REGISTRY.counter(
     "Requests answered, by site and status class (site '-': no site matched).",
     ["site", "code_class"],
 )
+REQUESTS_BY_PROTOCOL = REGISTRY.counter(
+    "tlsproxy_requests_by_protocol_total",
+    "Requests answered, by the protocol the client spoke: HTTP/1.0, HTTP/1.1, HTTP/2.0.",
+    ["protocol"],
+)
 UPSTREAM_SECONDS = REGISTRY.histogram(
     "tlsproxy_upstream_response_seconds",
     "From sending a request upstream (connecting included) to the upstream's response head.",
@@ -222,12 +227,19 @@ HandshakeFailure = Literal["timeout", "protocol", "unknown_sni", "other"]
 _acme_lock = threading.Lock()
 
 
-def request_done(site: str, status: int) -> None:
-    """Count one answered request (``site`` is the site's name, "-" when none matched)."""
+_PROTOCOLS = {b"1.1": ("HTTP/1.1",), b"2.0": ("HTTP/2.0",), b"1.0": ("HTTP/1.0",)}
+
+
+def request_done(site: str, status: int, version: bytes = b"1.1") -> None:
+    """Count one answered request (``site`` is the site's name, "-" when none matched;
+    ``version`` the client's HTTP version as its protocol layer parsed it)."""
     code_class = _CODE_CLASSES[status // 100] if 100 <= status < 600 else "other"
     values = REQUESTS.values
     key = (site, code_class)
     values[key] = values.get(key, 0.0) + 1.0
+    protocol = _PROTOCOLS.get(version, ("other",))
+    values = REQUESTS_BY_PROTOCOL.values
+    values[protocol] = values.get(protocol, 0.0) + 1.0
 
 
 def upstream_response(site: str, seconds: float) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,16 +22,19 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, HeadersFrame, PingFrame, SettingsFrame
 
 from tests.h2client import Answer, H2Client
+from tests.promparse import scrape
 from tests.support import (
     LoopbackServer,
     ProxyProcess,
     RawUpstream,
     UvicornApp,
     curl,
+    free_port,
 )
 
 HOST = "h2.test"
 RAW = "raw.test"
+ADMIN = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,11 @@ def proxy(
             {"hosts": [HOST], "upstreams": [app.url]},
             {"hosts": [RAW], "upstreams": [raw.url]},
         ],
-        server={"send_timeout": 2, "max_body_bytes": 10_000_000},
+        server={
+            "send_timeout": 2,
+            "max_body_bytes": 10_000_000,
+            "admin_listen": f"127.0.0.1:{ADMIN}",
+        },
     )
     yield running
     assert running.stop() == 0
@@ -89,6 +97,19 @@ def test_curl_speaks_http2_and_the_app_sees_the_real_client(proxy: ProxyProcess)
     assert seen["headers"]["x-forwarded-proto"] == "https"
     assert seen["headers"]["x-forwarded-for"] == "127.0.0.9"
     assert "HTTP/2.0" in proxy.log()
+
+
+def test_metrics_and_the_status_page_count_requests_per_protocol(proxy: ProxyProcess) -> None:
+    curl(proxy, HOST, "/", "--http1.1")
+    curl(proxy, HOST, "/", "--http2")
+    _, page = scrape(ADMIN)
+    assert page.value("tlsproxy_requests_by_protocol_total", protocol="HTTP/2.0") >= 1
+    assert page.value("tlsproxy_requests_by_protocol_total", protocol="HTTP/1.1") >= 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/api/status", timeout=10) as reply:
+        protocols = json.load(reply)["protocols"]
+    assert protocols["HTTP/2.0"] >= 1 and protocols["HTTP/1.1"] >= 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/", timeout=10) as reply:
+        assert "HTTP/2.0: " in reply.read().decode()
 
 
 def test_cookie_crumbs_are_joined_for_the_upstream(proxy: ProxyProcess) -> None:

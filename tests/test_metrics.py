@@ -100,6 +100,7 @@ def test_the_whole_default_registry_parses() -> None:
     page = parse(metrics.REGISTRY.render().decode())
     assert page.types == {
         "tlsproxy_requests_total": "counter",
+        "tlsproxy_requests_by_protocol_total": "counter",
         "tlsproxy_upstream_response_seconds": "histogram",
         "tlsproxy_upstream_errors_total": "counter",
         "tlsproxy_upstream_retries_total": "counter",

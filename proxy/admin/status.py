@@ -25,7 +25,8 @@ Schema (``GET /api/status``; times are ISO 8601 UTC strings or null)::
                        "stored_not_after": str, "next_renewal": str,
                        "last_attempt": str | null, "last_error": str | null, "failures": int,
                        "next_attempt": str | null,
-                       "state": "ok" | "renewing" | "failing" | "expiring soon" | "expired"}]}
+                       "state": "ok" | "renewing" | "failing" | "expiring soon" | "expired"}],
+     "protocols": {"HTTP/1.1": int, "HTTP/2.0": int, ...}}  # requests answered, per protocol
 
 ``not_before``/``not_after`` are those of the certificate being served now (a temporary one
 while an ACME site waits for its first certificate); ``stored_not_after``, ``issuer``,
@@ -79,7 +80,20 @@ def collect(
             _site(site, view, (origins or {}).get(site.name, "file")) for site in config.sites
         ],
         "certificates": _certificates(config, store, now),
+        "protocols": _protocols(snapshots),
     }
+
+
+def _protocols(snapshots: list[dict[str, Any]] | None) -> dict[str, int]:
+    """Requests answered per client protocol (HTTP/1.1, HTTP/2.0, ...), all workers'."""
+    counts: dict[str, float] = {}
+    if snapshots:
+        for snap in snapshots:
+            for protocol, value in snap.get("protocols", []):
+                counts[protocol] = counts.get(protocol, 0.0) + value
+    else:
+        counts = {p: v for (p,), v in metrics.REQUESTS_BY_PROTOCOL.values.items()}
+    return {protocol: int(value) for protocol, value in sorted(counts.items())}
 
 
 def _scope(workers: int | str, snapshots: list[dict[str, Any]] | None) -> str:

@@ -71,10 +71,19 @@ def render(document: dict[str, Any]) -> str:
         f"<p class=muted>Generated {_e(document['generated_at'])} by process "
         f"{_e(document['pid'])} ({_e(document['scope'])}; workers: {_e(document['workers'])}). "
         f"Reloads every {REFRESH_SECONDS} s. JSON: <a href=/api/status>/api/status</a>.</p>"
+        f"<p id=protocols>{_protocols(document.get('protocols', {}))}</p>"
         f"<h2>Sites ({len(sites)})</h2>{_sites_table(sites)}"
         f"<h2>Certificates ({len(certificates)})</h2>{_certificates_table(certificates)}"
         "</body></html>"
     )
+
+
+def _protocols(counts: dict[str, int]) -> str:
+    """Requests answered per client protocol, e.g. "HTTP/1.1: 120 · HTTP/2.0: 4,310"."""
+    if not counts:
+        return "No request answered yet."
+    shown = " · ".join(f"{_e(protocol)}: {count:,}" for protocol, count in counts.items())
+    return f"Requests by protocol: {shown}"
 
 
 def _sites_table(sites: list[dict[str, Any]]) -> str:

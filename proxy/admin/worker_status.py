@@ -43,6 +43,7 @@ def snapshot(pool: UpstreamPool, sites: Sequence[Site]) -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "requests": [[s, c, v] for (s, c), v in metrics.REQUESTS.values.items()],
+        "protocols": [[p, v] for (p,), v in metrics.REQUESTS_BY_PROTOCOL.values.items()],
         "upstream_errors": [[s, k, v] for (s, k), v in metrics.UPSTREAM_ERRORS.values.items()],
         "failing": failing,
     }

@@ -634,7 +634,7 @@ class Exchange:
 
     def _log(self, upstream: Upstream | None) -> None:
         route = self.route
-        metrics.request_done(route.name if route is not None else "-", self.status)
+        metrics.request_done(route.name if route is not None else "-", self.status, self.version)
         access_log = self.context.access_log
         if access_log is not None:
             access_log.request(
