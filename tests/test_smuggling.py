@@ -127,6 +127,34 @@ def _read_responses(sock: ssl.SSLSocket, wanted: int, timeout: float) -> tuple[l
     return _split(data), closed
 
 
+def _attack(proxy: ProxyProcess, host: str, upgrade: str, segment: str) -> tuple[list[bytes], bool]:
+    """An upgrade request for /first, then /smuggled with a spoofed X-Forwarded-For, in the
+    same segment or a later one; the answers the attacker got, and whether it was closed."""
+    first = (
+        f"GET /first HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    smuggled = (
+        f"GET /smuggled HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    ).encode()
+    with _tls(proxy, host) as attacker:
+        if segment == "same segment":
+            attacker.sendall(first + smuggled)
+        else:
+            attacker.sendall(first)
+            time.sleep(0.3)
+            attacker.sendall(smuggled)
+        return _read_responses(attacker, 2, timeout=3.0)
+
+
+def _innocent(proxy: ProxyProcess, host: str) -> bytes:
+    """What a later, innocent client gets for GET /innocent."""
+    with _tls(proxy, host) as innocent:
+        innocent.sendall(f"GET /innocent HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        (answer,), _ = _read_responses(innocent, 1, timeout=5.0)
+    return answer
+
+
 def _split(data: bytes) -> list[bytes]:
     responses = []
     while b"\r\n\r\n" in data:
@@ -150,25 +178,8 @@ def test_bytes_after_an_upgrade_request_are_never_smuggled(
     upgrade, status, segment = case
     host = _host(index)
     upstream = upstreams[index]
-    first = (
-        f"GET /first HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-    smuggled = (
-        f"GET /smuggled HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
-    ).encode()
-    with _tls(proxy, host) as attacker:
-        if segment == "same segment":
-            attacker.sendall(first + smuggled)
-        else:
-            attacker.sendall(first)
-            time.sleep(0.3)
-            attacker.sendall(smuggled)
-        answers, closed = _read_responses(attacker, 2, timeout=3.0)
-
-    with _tls(proxy, host) as innocent:
-        innocent.sendall(f"GET /innocent HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        (answer,), _ = _read_responses(innocent, 1, timeout=5.0)
+    answers, closed = _attack(proxy, host, upgrade, segment)
+    answer = _innocent(proxy, host)
     assert answer.startswith(b"HTTP/1.1 %d " % status)
     assert answer.endswith(b"\r\n\r\npath=/innocent"), "the innocent client got another answer"
 
@@ -216,25 +227,8 @@ def test_the_app_never_sees_a_smuggled_request(
     before = len(_seen_by(app))
     proxy = ProxyProcess.start(tmp_path, [{"hosts": [host], "upstreams": [app.url]}])
     try:
-        first = (
-            f"GET /first HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
-            f"Upgrade: {upgrade}\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-        smuggled = (
-            f"GET /smuggled HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
-        ).encode()
-        with _tls(proxy, host) as attacker:
-            if segment == "same segment":
-                attacker.sendall(first + smuggled)
-            else:
-                attacker.sendall(first)
-                time.sleep(0.3)
-                attacker.sendall(smuggled)
-            _read_responses(attacker, 2, timeout=3.0)
-        with _tls(proxy, host) as innocent:
-            innocent.sendall(f"GET /innocent HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            (answer,), _ = _read_responses(innocent, 1, timeout=5.0)
+        _attack(proxy, host, upgrade, segment)
+        answer = _innocent(proxy, host)
     finally:
         proxy.stop()
     view = json.loads(answer.partition(b"\r\n\r\n")[2])

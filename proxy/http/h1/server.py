@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
+from proxy.http.client import ClientConnection
 from proxy.http.exchange import COMPLETE, DONE, Exchange, UpstreamLink
 from proxy.http.h1 import framing
 from proxy.http.h1.parse import RequestReader
 from proxy.http.message import CHUNKED, UNTIL_CLOSE, HTTPError, RequestHead, Response
-from proxy.http.policy import Peer
 from proxy.http.tunnel import Tunnel
-from proxy.tls.policy import sni_of
 
 if TYPE_CHECKING:
     from proxy.http.runtime import Runtime
@@ -48,37 +47,24 @@ _CLOSING = 4  # an answer goes out, then the connection closes: nothing more is 
 _UPGRADING = 8  # a WebSocket handshake waits for the upstream's answer
 
 
-class H1Connection(asyncio.Protocol):
+class H1Connection(ClientConnection):
     """The HTTP/1.1 protocol layer of one client connection (the exchanges' Downstream)."""
 
     __slots__ = (
-        "batch",
         "chunked",
         "close_after",
         "exchanges",
         "held",
         "holding",
         "idle_deadline",
-        "listen_port",
         "paused",
-        "peer",
         "reader",
         "receiving",
-        "runtime",
-        "sni",
-        "sni_host",
         "stalled_since",
-        "transport",
     )
 
     def __init__(self, runtime: Runtime, listen_port: int) -> None:
-        self.runtime = runtime
-        self.listen_port = listen_port
-        self.batch = runtime.batch
-        self.transport: asyncio.Transport | None = None
-        self.peer: Peer = cast(Peer, None)  # set in connection_made
-        self.sni: str | None = None  # the server name the client asked for in its handshake
-        self.sni_host = b""  # the last Host found to match ``sni``
+        super().__init__(runtime, listen_port)
         self.reader: RequestReader | None = None  # made with the first request byte
         self.exchanges: list[Exchange] = []  # [0] is answered; the rest wait (pipelined)
         self.receiving: Exchange | None = None  # whose request is being read
@@ -130,11 +116,8 @@ class H1Connection(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
         runtime = self.runtime
-        self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
-        self.peer = runtime.peer(transport.get_extra_info("peername")[0], self.listen_port)
-        self.sni = sni_of(transport)
-        runtime.connections.add(self)
         self.idle_deadline = runtime.loop.time() + runtime.settings.keepalive_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -45,14 +45,13 @@ import h2.utilities
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from proxy.http.client import ClientConnection
 from proxy.http.exchange import COMPLETE, DONE, NEVER, Exchange, UpstreamLink
 from proxy.http.h2.decoder import Decoder
 from proxy.http.h2.encoder import StatelessEncoder
 from proxy.http.h2.fields import request_head
 from proxy.http.message import NO_BODY, HTTPError, Response, error_body
-from proxy.http.policy import Peer
 from proxy.http.writebatch import LIMIT
-from proxy.tls.policy import sni_of
 
 if TYPE_CHECKING:
     from proxy.http.runtime import Runtime
@@ -279,11 +278,10 @@ class H2Stream:
         raise AssertionError("no WebSocket handshake is forwarded from HTTP/2")
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(ClientConnection):
     """The HTTP/2 protocol layer of one client connection."""
 
     __slots__ = (
-        "batch",
         "closing",
         "control_frames",
         "counted_since",
@@ -291,26 +289,14 @@ class H2Connection(asyncio.Protocol):
         "h2",
         "idle_deadline",
         "last_stream",
-        "listen_port",
         "paused",
-        "peer",
         "queued",
         "resets",
-        "runtime",
-        "sni",
-        "sni_host",
         "streams",
-        "transport",
     )
 
     def __init__(self, runtime: Runtime, listen_port: int) -> None:
-        self.runtime = runtime
-        self.listen_port = listen_port
-        self.batch = runtime.batch
-        self.transport: asyncio.Transport | None = None
-        self.peer: Peer = cast(Peer, None)  # set in connection_made
-        self.sni: str | None = None
-        self.sni_host = b""
+        super().__init__(runtime, listen_port)
         self.h2 = _Library(_CONFIG)
         self.h2.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.streams: dict[int, H2Stream] = {}
@@ -327,12 +313,9 @@ class H2Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
         runtime = self.runtime
         settings = runtime.settings
-        self.transport = cast(asyncio.Transport, transport)
-        self.peer = runtime.peer(transport.get_extra_info("peername")[0], self.listen_port)
-        self.sni = sni_of(transport)
-        runtime.connections.add(self)
         now = runtime.loop.time()
         self.idle_deadline = now + settings.keepalive_timeout
         self.counted_since = now
