@@ -22,7 +22,7 @@ from proxy.certs.internal_ca import InternalCA
 from proxy.certs.manager import CertificateManager
 from proxy.certs.sources import CertificateSources
 from proxy.certs.store import CertStore
-from proxy.config import ACMEConfig
+from proxy.config import ACMEConfig, DockerConfig
 from proxy.tasks import spawn
 from tests.support import ROOT
 from tests.test_tls_certs import ahandshake, serial_of, tls_server
@@ -125,3 +125,22 @@ async def test_one_task_maintains_files_internal_leaves_and_acme_certificates(
             tasks = [task for task in asyncio.all_tasks() if _ours(task)]
             assert [task.get_name() for task in tasks] == ["certificate maintenance"]
             assert running.cert_store.get("acme.test") is not None  # the stand-in
+
+
+async def test_with_sites_only_from_container_labels_the_proxy_starts(tmp_path: Path) -> None:
+    """No site has a certificate of its own yet: a temporary default certificate lets the
+    listener start (the previous code refused to: no certificate installed)."""
+    config = Config(
+        server=ServerConfig(
+            https_listen=(Address("127.0.0.1", 0),), http_listen=(), admin_listen=None
+        ),
+        tls=TLSConfig(storage=str(tmp_path), issuer="internal"),
+        docker=DockerConfig(endpoint=f"unix://{tmp_path / 'no-engine.sock'}"),
+        sites=(),
+    )
+    async with Proxy(config) as running:
+        default = running.cert_store.default
+        assert default is not None and default.names == ("default.invalid",)
+        ca = InternalCA.load_or_create(tmp_path / "ca")
+        seen = await ahandshake(running.port("https"), ca, None)
+        assert seen.serial == int(default.serial, 16)

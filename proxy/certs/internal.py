@@ -157,8 +157,11 @@ class TemporarySource(_Leaf):
     """A leaf from the internal CA that is never stored: it only stands in (for an ACME
     site until its CA has issued; as the default certificate when no site has one)."""
 
-    def __init__(self, names: tuple[str, ...], load_ca: LoadCA) -> None:
+    def __init__(
+        self, names: tuple[str, ...], load_ca: LoadCA, label: str = TEMPORARY_SOURCE
+    ) -> None:
         super().__init__(names, load_ca, TEMPORARY_LIFETIME)
+        self.label = label  # its entry's source, for logs (an ACME stand-in's: TEMPORARY_SOURCE)
 
     @property
     def identity(self) -> tuple[object, ...]:
@@ -167,9 +170,7 @@ class TemporarySource(_Leaf):
     def issue_entry(self, now: datetime) -> CertEntry:
         try:
             chain_pem, key_pem = self.load_ca(self.site).issue(self.names, self.lifetime)
-            return make_entry(
-                self.names, chain_pem, key_pem, issuer="internal", source=TEMPORARY_SOURCE
-            )
+            return make_entry(self.names, chain_pem, key_pem, issuer="internal", source=self.label)
         except (OSError, ValueError, ssl.SSLError) as exc:
             raise CertificateError(self.site, f"temporary certificate: {exc}") from exc
 

@@ -36,6 +36,7 @@ from proxy.config import ACMEConfig, Site, TLSConfig
 log = logging.getLogger("tlsproxy.certs")
 
 DEFAULT_NAME = "default.invalid"  # the default certificate's name when no site has one
+DEFAULT_LABEL = "temporary: for clients that send no server name (no site has a certificate)"
 
 _local: dict[str, Path] = {}
 
@@ -119,7 +120,7 @@ class CertificateSources:
         own = bool(found)
         found += [self.acme_source((name,), None) for name in self.on_demand_names(sites)]
         if not own:
-            found.append(TemporarySource((DEFAULT_NAME,), self.load_ca))
+            found.append(TemporarySource((DEFAULT_NAME,), self.load_ca, DEFAULT_LABEL))
         return found
 
     def on_demand_names(self, sites: Sequence[Site]) -> list[str]:
