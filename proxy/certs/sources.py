@@ -10,6 +10,9 @@ temporary certificate is the default one, for clients that send no server name.
 
 :class:`CertificateSources` builds them for one configuration and holds what they share (the
 internal CA, the ACME renewer), so a reload that keeps the settings keeps the running sources.
+
+``CertificateError`` and ``CertificateStatus`` are re-exported: the library API (``proxy``)
+and the status page import them from here.
 """
 
 from __future__ import annotations
