@@ -1,48 +1,50 @@
-"""Keeps each managed certificate obtained, renewed on time and installed, in every process.
+"""Keeps each managed certificate obtained, renewed on time and served, in every process.
 
-Per certificate (one per site), storage holds chain, key and metadata. A process:
+Per certificate (one per site, or per on-demand name), storage holds chain, key and
+metadata. A process:
 
-* at start installs a valid stored certificate at once (no order on restart);
+* at start serves a valid stored certificate at once (no order on restart);
 * orders when there is none, or when renewal is due (a third of the lifetime left, or the
   CA's ARI time), under a lock in storage, re-checking storage after taking it, so of all
   processes sharing the storage only one orders and the others adopt its result;
 * after a failure writes the error and the next attempt (backoff) to the metadata, and
   keeps serving the old certificate;
-* polls the metadata (one ``stat`` per certificate every ``poll_interval`` seconds) and
-  installs what other processes (``tlsproxy renew``, replicas) stored.
+* looks at the metadata (one ``stat`` per certificate, on every poll) and serves what other
+  processes (``tlsproxy renew``, replicas) stored.
 
-:meth:`Renewer.renew` is the synchronous core (``tlsproxy renew`` calls it directly);
-:meth:`Renewer.run` is the asyncio loop of a running proxy, running orders in threads.
+:meth:`Renewer.renew` is the synchronous core (``tlsproxy renew`` calls it directly).
+:class:`Tracked` is what a running process keeps per certificate; it has no loop and no
+task of its own: the proxy's one maintenance loop calls :meth:`Tracked.look` on every poll
+and :meth:`Tracked.renew` when :meth:`Tracked.renewal_at` has come, each in a worker thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from acme_client.account import Account, ACMESettings
 from acme_client.fallback import FallbackIssuer
-from acme_client.interfaces import CertificateSink
 from acme_client.issuer import Issuer
 from acme_client.keys import inspect
 from acme_client.network import ACMEFailure
 from acme_client.records import CertificateRecords, Metadata, StoredCertificate
-from acme_client.schedule import broken_retry_delay, next_attempt, renewal_due
+from acme_client.schedule import (
+    ARI_RETRY,
+    BUSY_RETRY,
+    broken_retry_delay,
+    next_attempt,
+    renewal_due,
+)
 from acme_client.solvers import Solver
 from acme_client.storage import LockBusy, Storage
 
 log = logging.getLogger("tlsproxy.acme")
-
-POLL_INTERVAL = 2.0  # seconds between checks of storage for other processes' changes
-MIN_SLEEP = 0.05
-ARI_RETRY = timedelta(hours=1)  # after a failed renewalInfo fetch
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,34 +88,17 @@ def usable(
     return None
 
 
-@dataclass(eq=False)
-class _Managed:
-    """A running proxy's view of one certificate."""
-
-    request: CertificateRequest
-    installed: str | None = None  # serial handed to the sink
-    version: object = None  # storage version of meta.json last read
-    meta: Metadata | None = None
-    certificate: StoredCertificate | None = None
-    not_before: datetime | None = None  # no attempt before this (lock was busy)
-    ari_check: datetime | None = None
-    task: asyncio.Task[None] | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    broken: int = 0  # maintenance attempts in a row that failed outside the CA (storage down)
-
-
 class Renewer:
-    """Obtains, renews and installs the certificates of one CA account."""
+    """Obtains and renews certificates from a list of CAs (the first one's account and
+    storage layout are where certificates live), shared by every certificate it tracks."""
 
     def __init__(
         self,
         settings: ACMESettings | Sequence[ACMESettings],
         storage: Storage,
         solvers: Sequence[Solver],
-        sink: CertificateSink | None = None,
         *,
         issuer: Issuer | FallbackIssuer | None = None,
-        poll_interval: float = POLL_INTERVAL,
         rng: random.Random | None = None,
         on_outcome: Callable[[bool], None] | None = None,
     ) -> None:
@@ -126,14 +111,8 @@ class Renewer:
             issuers = [Issuer(Account(s, storage), solvers) for s in chain]
             issuer = issuers[0] if len(issuers) == 1 else FallbackIssuer(issuers)
         self.issuer = issuer
-        self.sink = sink
-        self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self.ari: bool | None = None  # does the CA offer renewalInfo? (None: not asked yet)
-        self._managed: dict[str, _Managed] = {}
-        self._closed = False
-        self._wakeup: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the synchronous core ------------------------------------------------------------
 
@@ -291,187 +270,116 @@ class Renewer:
             pass
         return next_check
 
-    # -- the running proxy ---------------------------------------------------------------
 
-    def manage(
-        self, requests: Iterable[CertificateRequest], installed: dict[str, str] | None = None
-    ) -> None:
-        """Set the certificates to maintain; ``installed`` maps sites to serials already in
-        the sink. Sites no longer listed stop being maintained (their orders are cancelled)."""
-        installed = installed or {}
-        wanted = {r.site: r for r in requests}
-        for site, managed in list(self._managed.items()):
-            if site not in wanted or wanted[site] != managed.request:
-                managed.cancel.set()
-                del self._managed[site]
-        for site, request in wanted.items():
-            if site not in self._managed:
-                self._managed[site] = _Managed(request, installed=installed.get(site))
-            elif site in installed:
-                self._managed[site].installed = installed[site]
-        self._wake()
+@dataclass(eq=False)
+class Tracked:
+    """A running process's view of one certificate: what storage held at the last look, what
+    this process serves, and when to act next.
 
-    def add(self, request: CertificateRequest, installed: str | None = None) -> None:
-        """Maintain one more certificate from now on (an on-demand name), keeping the others."""
-        if request.site not in self._managed:
-            self._managed[request.site] = _Managed(request, installed=installed)
-            self._wake()
+    Not thread-safe: the caller runs one of :meth:`look` or :meth:`renew` at a time.
+    """
 
-    def action_at(self, managed: _Managed, now: datetime) -> datetime:
-        """When this process should next try to order for ``managed``."""
-        certificate = usable(managed.certificate, managed.request.names, now)
+    renewer: Renewer
+    request: CertificateRequest
+    serving: str | None = None  # serial of the certificate handed out to be served
+    version: object = None  # storage version of meta.json at the last read
+    meta: Metadata | None = None
+    certificate: StoredCertificate | None = None
+    not_before: datetime | None = None  # no attempt before this (lock busy, storage down)
+    ari_check: datetime | None = None
+    broken: int = 0  # attempts in a row that failed outside the CA (storage down)
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: no longer managed
+
+    def look(self) -> StoredCertificate | None:
+        """Re-read the metadata if any process changed it; the certificate to serve if that
+        brought a new one (blocking: one ``stat``, or one Redis read, when nothing changed)."""
+        records, site = self.renewer.records, self.request.site
+        version = records.version(site)
+        if version == self.version and version is not None:
+            return None
+        meta, stored = records.load(site)
+        self.meta = meta
+        if meta is not None and meta.serial is not None and stored is None:
+            return None  # between a writer's files: read again on the next look
+        self.version = version
+        self.certificate = stored
+        return self._news()
+
+    def _news(self) -> StoredCertificate | None:
+        certificate = usable(self.certificate, self.request.names, now_utc())
+        if certificate is None or certificate.info.serial == self.serving:
+            return None
+        self.serving = certificate.info.serial
+        return certificate
+
+    def renewal_at(self, now: datetime) -> datetime:
+        """When :meth:`renew` has something to do: an order (the schedule's due time, held
+        back by a failure's backoff or a busy lock), or an ARI check, whichever is first."""
+        order, ari = self._order_at(now), self._ari_at(now)
+        return order if ari is None else min(order, ari)
+
+    def _order_at(self, now: datetime) -> datetime:
+        certificate = usable(self.certificate, self.request.names, now)
         when = due_time(certificate) if certificate is not None else now
-        meta = managed.meta
+        meta = self.meta
         if meta is not None and meta.failures and meta.next_attempt is not None:
             when = max(when, meta.next_attempt)
-        if managed.not_before is not None:
-            when = max(when, managed.not_before)
+        if self.not_before is not None:
+            when = max(when, self.not_before)
         return when
 
-    async def run(self) -> None:
-        """Maintain the managed certificates until cancelled or :meth:`close`."""
-        self._wakeup = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
+    def _ari_at(self, now: datetime) -> datetime | None:
+        if self.renewer.ari is False or self.certificate is None:
+            return None
+        return self.ari_check or now
+
+    def renew(self, now: datetime) -> StoredCertificate | None:
+        """Order if due (else ask the CA's ARI when that is due); the certificate to serve
+        if there is a new one. Never raises: CA errors are in the metadata, and other
+        failures (storage down) back off, 15 s doubling to 15 min."""
+        ari = self._ari_at(now)
+        if ari is not None and ari <= now and self._order_at(now) > now:
+            try:
+                self.ari_check = self.renewer.check_renewal_info(self.request)
+            except Exception:
+                log.exception("site %s: renewalInfo check failed", self.request.site)
+                self.ari_check = now_utc() + ARI_RETRY
+            self.version = None  # read the metadata again (ari_renew_at)
+            return None
         try:
-            while not self._closed:
-                for managed in list(self._managed.values()):
-                    try:
-                        await self._refresh(managed)
-                    except Exception:
-                        log.exception("site %s: reading storage failed", managed.request.site)
-                    self._schedule(managed, now_utc())
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._sleep_time()):
-                        await self._wakeup.wait()
-        finally:
-            await self._stop_tasks()
-
-    def close(self) -> None:
-        """Stop :meth:`run` soon (another configuration replaces this renewer)."""
-        self._closed = True
-        for managed in self._managed.values():
-            managed.cancel.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        """Make :meth:`run` look at its certificates now (callable from any thread)."""
-        wakeup, loop = self._wakeup, self._loop
-        if wakeup is not None and loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                loop.call_soon_threadsafe(wakeup.set)
-
-    def _schedule(self, managed: _Managed, now: datetime) -> None:
-        if managed.task is not None or managed.cancel.is_set():
-            return
-        loop = asyncio.get_running_loop()
-        if self.action_at(managed, now) <= now:
-            managed.task = loop.create_task(self._maintain(managed))  # referenced by managed
-        elif self._ari_due(managed, now):
-            managed.task = loop.create_task(self._check_ari(managed))
-
-    def _ari_due(self, managed: _Managed, now: datetime) -> bool:
-        if self.ari is False or managed.certificate is None:
-            return False
-        return managed.ari_check is None or managed.ari_check <= now
-
-    def _sleep_time(self) -> float:
-        now = now_utc()
-        sleep = self.poll_interval
-        for managed in self._managed.values():
-            if managed.task is None:
-                sleep = min(sleep, (self.action_at(managed, now) - now).total_seconds())
-        return max(sleep, MIN_SLEEP)
-
-    async def _refresh(self, managed: _Managed) -> None:
-        """Re-read the metadata when another process (or we) changed it; install news."""
-        version = self.records.version(managed.request.site)
-        if version == managed.version and version is not None:
-            return
-        meta, stored = await asyncio.to_thread(self.records.load, managed.request.site)
-        managed.meta = meta
-        if meta is not None and meta.serial is not None and stored is None:
-            return  # between a writer's files: read again on the next poll
-        managed.version = version
-        managed.certificate = stored
-        await self._install(managed, "from storage")
-
-    async def _install(self, managed: _Managed, how: str) -> None:
-        if managed.cancel.is_set():
-            return  # no longer managed (a reload removed the site): do not bring it back
-        certificate = usable(managed.certificate, managed.request.names, now_utc())
-        if certificate is None or certificate.info.serial == managed.installed:
-            return
-        if self.sink is not None:
-            names = managed.request.names
-            await asyncio.to_thread(
-                self.sink.install, names, certificate.chain_pem, certificate.key_pem
-            )
-        managed.installed = certificate.info.serial
-        log.info(
-            "site %s: serving ACME certificate serial %s %s (valid until %s, renewal due %s)",
-            managed.request.site,
-            certificate.info.serial,
-            how,
-            _iso(certificate.info.not_after),
-            _iso(due_time(certificate)),
-        )
-
-    async def _maintain(self, managed: _Managed) -> None:
-        try:
-            outcome = await asyncio.to_thread(self.renew, managed.request, cancel=managed.cancel)
-            if outcome.status == "busy":  # another process is ordering: adopt its result
-                managed.not_before = now_utc() + timedelta(seconds=self.poll_interval)
-                return
-            managed.not_before = None
-            if self.on_outcome is not None and outcome.status in ("issued", "failed"):
-                self.on_outcome(outcome.status == "issued")
-            if outcome.meta is not None:
-                managed.meta = outcome.meta
-            if outcome.certificate is not None:
-                managed.certificate = outcome.certificate
-                how = "just issued" if outcome.status == "issued" else "from storage"
-                await self._install(managed, how)
-            managed.version = self.records.version(managed.request.site)
-            managed.broken = 0
+            return self._order()
         except Exception as exc:
-            # Not the CA (its errors are outcomes): storage unreachable, say. Back off
-            # exponentially, 15 s to 15 min; the traceback once, then one line each time.
-            managed.broken += 1
-            delay = broken_retry_delay(managed.broken).total_seconds()
-            if managed.broken == 1:
-                log.exception("site %s: certificate maintenance failed", managed.request.site)
+            self.broken += 1
+            delay = broken_retry_delay(self.broken)
+            site = self.request.site
+            if self.broken == 1:
+                log.exception("site %s: certificate maintenance failed", site)
             else:
                 log.warning(
                     "site %s: certificate maintenance failed again (%s); next try in %.0f s",
-                    managed.request.site,
+                    site,
                     exc,
-                    delay,
+                    delay.total_seconds(),
                 )
-            managed.not_before = now_utc() + timedelta(seconds=delay)
-        finally:
-            managed.task = None
-            self._wake()
+            self.not_before = now_utc() + delay
+            return None
 
-    async def _check_ari(self, managed: _Managed) -> None:
-        try:
-            managed.ari_check = await asyncio.to_thread(self.check_renewal_info, managed.request)
-            managed.version = None  # re-read the metadata (ari_renew_at)
-        except Exception:
-            log.exception("site %s: renewalInfo check failed", managed.request.site)
-            managed.ari_check = now_utc() + ARI_RETRY
-        finally:
-            managed.task = None
-            self._wake()
-
-    async def _stop_tasks(self) -> None:
-        tasks = []
-        for managed in self._managed.values():
-            managed.cancel.set()
-            if managed.task is not None:
-                managed.task.cancel()
-                tasks.append(managed.task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def _order(self) -> StoredCertificate | None:
+        outcome = self.renewer.renew(self.request, cancel=self.cancel)
+        if outcome.status == "busy":  # another process is ordering: adopt its result
+            self.not_before = now_utc() + BUSY_RETRY
+            return None
+        self.not_before = None
+        self.broken = 0
+        on_outcome = self.renewer.on_outcome
+        if on_outcome is not None and outcome.status in ("issued", "failed"):
+            on_outcome(outcome.status == "issued")
+        if outcome.meta is not None:
+            self.meta = outcome.meta
+        if outcome.certificate is not None:
+            self.certificate = outcome.certificate
+        self.version = self.renewer.records.version(self.request.site)
+        return self._news()
 
 
 def _iso(when: datetime | None) -> str:

@@ -22,6 +22,8 @@ RETRY_FLOOR = timedelta(seconds=1)  # never retry faster than this, however shor
 JITTER = 0.2  # +-20 %
 BROKEN_RETRY_MIN = timedelta(seconds=15)  # maintenance that failed outside the CA (storage down)
 BROKEN_RETRY_MAX = timedelta(minutes=15)
+BUSY_RETRY = timedelta(seconds=2)  # another process holds the order lock: adopt its result then
+ARI_RETRY = timedelta(hours=1)  # the CA's renewalInfo could not be had: ask again after this
 
 
 def renewal_due(

@@ -20,11 +20,13 @@ import os
 import shutil
 from pathlib import Path
 
-from proxy.certs import acme_sites
+from proxy.certs.acme_sites import ACMESource
+from proxy.certs.files import FileSource
+from proxy.certs.internal import InternalSource, TemporarySource
 from proxy.certs.internal_ca import ROOT_CERT, ROOT_KEY, InternalCA, InternalCAError
+from proxy.certs.protocol import CertificateError
 from proxy.certs.solvers import read_secret
-from proxy.certs.sources import CertificateError, FileCertificate
-from proxy.certs.store import CertStore
+from proxy.certs.sources import CertificateSources
 from proxy.config import Config, DNSConfig, Site, start_problems
 
 
@@ -84,7 +86,7 @@ def _pair_problems(index: int, site: Site) -> list[str]:
     if unreadable:
         return unreadable
     try:
-        FileCertificate(CertStore(), site).prepare()
+        FileSource(site).load()
     except CertificateError as error:
         about_key = error.reason.startswith(("no unencrypted PEM private key", site.key))
         return [f"sites[{index}].{'key' if about_key else 'cert'}: {error.reason}"]
@@ -108,13 +110,17 @@ def _storage_problems(location: str) -> list[str]:
 
 
 def _needs_ca(config: Config) -> bool:
-    """Whether start loads the internal CA: for internal certificates, and for a temporary
-    certificate while an ACME site has none stored."""
-    sites = [site for site in config.sites if _without_files(site)]
-    if config.tls.issuer == "internal":
-        return bool(sites)
+    """Whether start loads the internal CA: for internal certificates, for a temporary
+    certificate while an ACME site has none stored, and for the default certificate when
+    no site has one of its own."""
     return any(
-        acme_sites.describe(site, config.tls, config.acme).not_after == "-" for site in sites
+        isinstance(source, InternalSource | TemporarySource)
+        or (
+            isinstance(source, ACMESource)
+            and source.temporary is not None
+            and source.status().not_after == "-"
+        )
+        for source in CertificateSources(config.tls, config.acme).for_sites(config.sites)
     )
 
 

@@ -28,8 +28,9 @@ from proxy import metrics
 from proxy.admin import status, status_page, worker_status
 from proxy.certs.acme_sites import challenge_store_for
 from proxy.certs.alpn import ALPNChallengeContexts
+from proxy.certs.manager import CertificateManager
 from proxy.certs.on_demand import OnDemand
-from proxy.certs.sources import CertificateManager
+from proxy.certs.sources import CertificateSources
 from proxy.certs.store import CertStore
 from proxy.config import Address, Config, ConfigError, ServerConfig, Site, start_problems
 from proxy.http.accesslog import AccessLog
@@ -109,7 +110,8 @@ class Proxy:
         self._context: ssl.SSLContext | None = None  # the TLS listeners' (certificates by SNI)
         self._responder: HTTPResponder | None = None  # port 80's; replaced on reload
         self._proxy_sources = Sources()  # who sends a PROXY header; changed in place on reload
-        self._certs: CertificateManager | None = None
+        self._certs = CertificateManager(self.cert_store)  # every certificate served, by names
+        self._sources: CertificateSources | None = None  # where they come from; per config
         self._alpn: ALPNChallengeContexts | None = None  # TLS-ALPN-01 answers, made on first use
         self._on_demand: OnDemand | None = None  # when a site has on_demand = true
         self._tls_listeners: list[TLSListener] = []  # their hold hook follows reloads
@@ -147,15 +149,10 @@ class Proxy:
         if problems:
             raise ConfigError(problems)
         settings = config.server
-        self._certs = CertificateManager(
-            self.cert_store,
-            config.sites,
-            config.tls,
-            acme=config.acme,
-            challenges=self.challenges,
-            http_listen=bool(settings.http_listen),
+        self._sources = self._sources_for(config)
+        await self._certs.replace_all(
+            await asyncio.to_thread(self._sources.for_sites, config.sites)
         )
-        await asyncio.to_thread(self._certs.load_all)
         self._set_on_demand(config)
         pool = UpstreamPool(settings.upstream_connect_timeout)
         access_log = None if settings.access_log == "off" else AccessLog(settings.access_log)
@@ -260,19 +257,49 @@ class Proxy:
         needs to be read for it)."""
         return self._on_demand.hold if self._on_demand is not None else None
 
+    def _sources_for(self, config: Config) -> CertificateSources:
+        """Where ``config``'s certificates come from; the current sources when a reload
+        keeps the certificate settings (so running sources and their renewer stay)."""
+        sources = CertificateSources(
+            config.tls,
+            config.acme,
+            challenges=self.challenges,
+            http_listen=bool(config.server.http_listen),
+            on_change=self._certs.look_soon,
+        )
+        current = self._sources
+        return current if current is not None and current.key == sources.key else sources
+
     def _set_on_demand(self, config: Config) -> None:
         """On-demand TLS for ``config`` (None without on-demand sites), on every listener."""
-        assert self._certs is not None
         ask = config.tls.on_demand
         wanted = ask is not None and any(site.on_demand for site in config.sites)
         self._on_demand = (
-            OnDemand(self.cert_store, config.sites, ask.ask, self._certs.acme.obtain_on_demand)
+            OnDemand(self.cert_store, config.sites, ask.ask, self._obtain_on_demand)
             if wanted and ask is not None
             else None
         )
         for listener in self._tls_listeners:
             listener.hold = self._on_demand_hold()
             listener.alpn_challenge = self._alpn_hook(config)
+
+    async def _obtain_on_demand(self, name: str) -> bool:
+        """On-demand's ``obtain``: a certificate for ``name`` (from storage, or ordered now),
+        then managed, served and renewed like a site's; False when it could not be had, or
+        when a reload meanwhile stopped covering the name."""
+        sources = self._sources
+        assert sources is not None
+        source = sources.acme_source((name,), None)
+        if not await asyncio.to_thread(source.obtain):
+            return False
+        async with self._reloading:  # a reload cannot slip in between the check and the add
+            on_demand = self._on_demand
+            if sources is not self._sources or on_demand is None or not on_demand.covers(name):
+                return False
+            await self._certs.update(add=[source])
+        await asyncio.to_thread(sources.remember_on_demand, name)
+        log.info("on-demand certificate for %s: serving it", name)
+        return self.cert_store.covers(name)
 
     def _responder_now(self) -> HTTPResponder:
         assert self._responder is not None
@@ -373,7 +400,6 @@ class Proxy:
         problems = start_problems(config)
         if problems:
             raise ConfigError(problems)
-        assert self._certs is not None
         old = self.config.server
         new = config.server
         if (old.workers, old.loop) != (new.workers, new.loop):
@@ -384,13 +410,17 @@ class Proxy:
         old_docker = self.config.docker
         discovered = self._discovered if config.docker == old_docker else ()
         sites = merge(config.sites, discovered)
+        sources = self._sources_for(config)
         try:
-            await asyncio.to_thread(
-                self._certs.reload, sites.sites, config.tls, config.acme, bool(new.http_listen)
-            )
+            await self._certs.replace_all(await asyncio.to_thread(sources.for_sites, sites.sites))
         except BaseException:
+            if sources is not self._sources:
+                sources.close()
             await self._undo(added, released)
             raise
+        if sources is not self._sources and self._sources is not None:
+            self._sources.close()
+        self._sources = sources
         # The switch, with no await until the listeners no longer configured are closed.
         runtime = self.runtime
         runtime.settings = new
@@ -439,15 +469,15 @@ class Proxy:
 
     async def _apply_discovered(self, discovered: tuple[DiscoveredSite, ...]) -> bool:
         """The provider's new list of labelled sites: merged with the file's (the file wins),
-        certificates prepared for the result (off the event loop), then the router replaced
-        in one assignment. Open connections, to any site, stay. False if not applied."""
+        certificates loaded or issued for the sites that came and dropped for those that
+        went (off the event loop), then the router replaced in one assignment. Open
+        connections, to any site, stay. False if not applied."""
         async with self._reloading:
-            if self._certs is None or self._stopping is not None:
+            if self._sources is None or self._stopping is not None:
                 return False
-            config = self.config
-            sites = merge(config.sites, discovered)
+            sites = merge(self.config.sites, discovered)
             try:
-                await asyncio.to_thread(self._certs.reload, sites.sites, config.tls, config.acme)
+                await self._update_certificates(self.sites.sites, sites.sites)
             except Exception as exc:
                 log.error("discovered sites not applied (the previous ones stay): %s", exc)
                 return False
@@ -461,6 +491,17 @@ class Proxy:
         for host in sorted(before - after):
             log.info("no longer discovered: %s", host)
         return True
+
+    async def _update_certificates(self, old: Iterable[Site], new: Iterable[Site]) -> None:
+        """Certificates for exactly the sites that came or went (container labels): each
+        added site's is loaded or issued, each removed site's stops being served and
+        renewed; every other certificate is left alone. Raises ``CertificateError``."""
+        assert self._sources is not None
+        before, after = {_certificate_key(s): s for s in old}, {_certificate_key(s): s for s in new}
+        added = [site for key, site in after.items() if key not in before]
+        sources = [s for site in added if (s := self._sources.for_site(site)) is not None]
+        gone = [site.hosts for key, site in before.items() if key not in after]
+        await self._certs.update(add=sources, remove=gone)
 
     @staticmethod
     def _log_overridden(new: Merged, old: Merged) -> None:
@@ -561,6 +602,8 @@ class Proxy:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._sources is not None:
+            self._sources.close()
         for opened in self._open.values():
             await opened.server.wait_closed()
         self._open.clear()
@@ -632,6 +675,11 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _certificate_key(site: Site) -> tuple[object, ...]:
+    """What a site's certificate depends on (not its upstreams)."""
+    return (site.hosts, site.cert, site.key, site.on_demand)
 
 
 def _upstreams_of(sites: Iterable[Site], host: str) -> str:

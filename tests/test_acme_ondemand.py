@@ -9,6 +9,7 @@ certificates from storage without new orders; ``tlsproxy certs`` lists them.
 from __future__ import annotations
 
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from tests.pebble import (
     served_certificate,
     start_proxy,
 )
-from tests.support import ROOT, ProxyProcess, RawUpstream, free_port
+from tests.support import ROOT, ProxyProcess, RawUpstream, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(not pebble_available(), reason="pebble is not installed")
 
@@ -134,6 +135,54 @@ def test_on_demand_certificates_at_the_first_handshake_behind_the_ask_endpoint(
         proxy = start_proxy(config, https_port, pebble.http_port)
         assert serial(https_port, "a.customer.test", roots) == first  # from storage
         assert pebble.orders() == 2 and len(ask.asked) == asked  # no order, no question
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        pebble.stop()
+
+
+def test_a_name_no_on_demand_site_covers_after_a_reload_is_no_longer_served_or_renewed(
+    tmp_path: Path, dns: LoopbackDNS, ask: AskEndpoint, upstream: RawUpstream
+) -> None:
+    pebble = Pebble(tmp_path / "pebble", free_port(), dns.port).start()
+    proxy: ProxyProcess | None = None
+    try:
+        roots = pebble.write_roots(tmp_path / "roots.pem")
+
+        def configure(pattern: str) -> tuple[Path, int]:
+            sites = [{"hosts": [pattern], "upstreams": [upstream.url], "on_demand": True}]
+            tls = {"on_demand": {"ask": ask.url}}
+            return acme_config(tmp_path / "proxy", pebble, sites, https_port=port, tls=tls)
+
+        port = free_port()
+        config, _ = configure("*.customer.test")
+        proxy = start_proxy(config, port, pebble.http_port)
+        first = serial(port, "a.customer.test", roots)
+
+        def reload(pattern: str) -> None:
+            assert proxy is not None
+            reloads = proxy.log().count("reloaded:")
+            configure(pattern)
+            proxy.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: proxy.log().count("reloaded:") > reloads)
+
+        reload("*.other.test")  # no on-demand site covers a.customer.test any more
+        assert "certificate for a.customer.test: no longer served or renewed" in proxy.log()
+        with pytest.raises(ssl.SSLCertVerificationError):  # the default certificate now
+            serial(port, "a.customer.test", roots)
+        assert ask.asked == ["a.customer.test"], "not asked again: no site covers it"
+        rows = subprocess.run(
+            [sys.executable, "-m", "proxy", "certs", "--config", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        assert "a.customer.test" not in rows, rows
+
+        reload("*.customer.test")  # covered again: served from storage, no new order
+        assert serial(port, "a.customer.test", roots) == first
+        assert pebble.orders() == 1 and ask.asked == ["a.customer.test"]
     finally:
         if proxy is not None:
             proxy.stop()

@@ -1,7 +1,8 @@
-"""``acme_client`` without a CA: schedule arithmetic, storage, metadata, the renewer's loop.
+"""``acme_client`` without a CA: schedule arithmetic, storage, metadata, renewals.
 
-The loop tests drive :class:`Renewer` with a fake issuer that signs short-lived leaves with a
-local CA, so renewal, backoff, storage polling and ARI are exercised in seconds.
+The loop tests drive the proxy's one maintenance loop (:mod:`proxy.certs.manager`) over an
+ACME source whose renewer has a fake issuer that signs short-lived leaves with a local CA, so
+renewal, backoff, storage polling and ARI are exercised in seconds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import random
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,13 +24,19 @@ from cryptography.x509.oid import NameOID
 
 from acme_client.account import Account, ACMESettings
 from acme_client.challenges import StorageChallengeStore
+from acme_client.interfaces import MemoryChallengeStore
 from acme_client.issuer import Issued, Issuer
-from acme_client.keys import inspect, new_key_pem
+from acme_client.keys import new_key_pem
 from acme_client.network import ACMEFailure, parse_retry_after
 from acme_client.records import CertificateRecords, Metadata, ca_id
 from acme_client.renewer import CertificateRequest, Renewer, due_time
 from acme_client.schedule import next_attempt, renewal_due, retry_bounds, retry_delay
 from acme_client.storage import FileStorage, LockBusy, check_key
+from proxy.certs.acme_sites import ACMESource, Issuance
+from proxy.certs.manager import CertificateManager
+from proxy.certs.store import CertEntry, CertStore
+from proxy.config import ACMEConfig, TLSConfig
+from proxy.tasks import spawn
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 DIRECTORY = "https://ca.test/acme/directory"
@@ -227,16 +234,57 @@ class FakeIssuer(Issuer):
         return self.window
 
 
-class Sink:
+class RecordingStore(CertStore):
+    """A certificate store that also lists the serial of every certificate installed."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.serials: list[str] = []
 
-    def install(self, names: Sequence[str], chain_pem: bytes, key_pem: bytes) -> None:
-        self.serials.append(inspect(chain_pem).serial)
+    def install_entry(self, entry: CertEntry) -> CertEntry:
+        self.serials.append(entry.serial)
+        return super().install_entry(entry)
+
+
+def acme_source(
+    storage: str, renewer: Renewer, names: tuple[str, ...], on_change: Callable[[], None] | None
+) -> ACMESource:
+    """An ACME source (no temporary stand-in) whose renewer is ``renewer``."""
+    issuance = Issuance(
+        TLSConfig(storage=storage),
+        ACMEConfig(directory=DIRECTORY),
+        MemoryChallengeStore(),
+        http_listen=True,
+        on_change=on_change,
+        renewer=renewer,
+    )
+    return ACMESource(names, issuance, None)
+
+
+@contextlib.asynccontextmanager
+async def maintained(
+    storage: str,
+    renewer: Renewer,
+    names: tuple[str, ...],
+    poll_interval: float = 2.0,
+    watch: bool = False,
+) -> AsyncIterator[RecordingStore]:
+    """The maintenance loop running over one ACME certificate; yields its store."""
+    store = RecordingStore()
+    manager = CertificateManager(store, poll_interval=poll_interval)
+    source = acme_source(storage, renewer, names, manager.look_soon if watch else None)
+    await manager.update(add=[source])
+    task = spawn(manager.run(), name="certificate maintenance")
+    try:
+        yield store
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        source.issuance.close()
 
 
 async def wait_for(predicate: Callable[[], bool], within: float) -> None:
-    """Poll ``predicate`` (the renewer has no event to await from outside)."""
+    """Poll ``predicate`` (the loop has no event to await from outside)."""
     for _ in range(int(within / 0.02)):
         if predicate():
             return
@@ -244,27 +292,18 @@ async def wait_for(predicate: Callable[[], bool], within: float) -> None:
     raise TimeoutError(f"condition not met within {within} s")
 
 
-async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_each(
+async def test_the_loop_issues_renews_on_time_retries_a_failure_and_serves_each(
     tmp_path: Path,
 ) -> None:
     storage = FileStorage(tmp_path)
     issuer = FakeIssuer(storage, lifetime=6, fail={2})  # the first renewal attempt fails
-    sink = Sink()
     outcomes: list[bool] = []  # what the proxy turns into tlsproxy_acme_renewals_total
     renewer = Renewer(
-        ACMESettings(DIRECTORY),
-        storage,
-        [],
-        sink,
-        issuer=issuer,
-        on_outcome=outcomes.append,
+        ACMESettings(DIRECTORY), storage, [], issuer=issuer, on_outcome=outcomes.append
     )
     renewer.ari = False
-    request = CertificateRequest("s.test", ("s.test",))
-    renewer.manage([request])
-    task = asyncio.get_running_loop().create_task(renewer.run())
-    try:
-        await wait_for(lambda: len(sink.serials) == 1, 3)
+    async with maintained(str(tmp_path), renewer, ("s.test",)) as store:
+        await wait_for(lambda: len(store.serials) == 1, 3)
         records = CertificateRecords(storage, DIRECTORY)
         meta, first = records.load("s.test")
         assert first is not None
@@ -281,46 +320,27 @@ async def test_the_loop_issues_renews_on_time_retries_a_failure_and_installs_eac
         assert meta is not None and meta.failures == 1
         assert meta.last_error is not None and "serverInternal" in meta.last_error
         assert meta.next_attempt is not None and meta.next_attempt < first.info.not_after
-        await wait_for(lambda: len(sink.serials) == 2, 3)  # the retry, before expiry
+        await wait_for(lambda: len(store.serials) == 2, 3)  # the retry, before expiry
         assert datetime.now(UTC) < first.info.not_after
         meta = records.meta("s.test")
         assert meta is not None and (meta.failures, meta.last_error) == (0, None)
         assert outcomes == [True, False, True]
-    finally:
-        renewer.close()
-        await asyncio.wait_for(task, 5)
+        entry = store.get("s.test")
+        assert entry is not None and entry.serial == store.serials[-1]
 
 
-async def test_a_running_renewer_installs_what_another_process_stored(tmp_path: Path) -> None:
+async def test_a_running_proxy_serves_what_another_process_stored(tmp_path: Path) -> None:
     storage = FileStorage(tmp_path)
-    sink = Sink()
-    running = Renewer(
-        ACMESettings(DIRECTORY),
-        storage,
-        [],
-        sink,
-        issuer=FakeIssuer(storage, lifetime=3600),
-        poll_interval=0.2,
-    )
+    running = Renewer(ACMESettings(DIRECTORY), storage, [], issuer=FakeIssuer(storage, 3600))
     running.ari = False
     request = CertificateRequest("p.test", ("p.test",))
-    running.manage([request])
-    task = asyncio.get_running_loop().create_task(running.run())
-    try:
-        await wait_for(lambda: len(sink.serials) == 1, 3)
-        other = Renewer(
-            ACMESettings(DIRECTORY),
-            storage,
-            [],
-            issuer=FakeIssuer(storage, lifetime=3600),
-        )
+    async with maintained(str(tmp_path), running, request.names, poll_interval=0.2) as store:
+        await wait_for(lambda: len(store.serials) == 1, 3)
+        other = Renewer(ACMESettings(DIRECTORY), storage, [], issuer=FakeIssuer(storage, 3600))
         outcome = await asyncio.to_thread(other.renew, request, force=True)
         assert outcome.certificate is not None
-        await wait_for(lambda: len(sink.serials) == 2, 2)
-        assert sink.serials[-1] == outcome.certificate.info.serial
-    finally:
-        running.close()
-        await asyncio.wait_for(task, 5)
+        await wait_for(lambda: len(store.serials) == 2, 2)
+        assert store.serials[-1] == outcome.certificate.info.serial
 
 
 def test_ari_window_from_the_ca_sets_the_due_time(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ tiny HTTP server from the locally made base image on the host's network (so the 
 reaches them on 127.0.0.1), and checks through real TLS connections: a labelled container
 is served within 2 s of starting, with a certificate from the internal CA issued at run
 time; a second one with the same hosts shares the load; a stopped one is dropped within
-2 s; a connection to another site stays open throughout; a host in the file is the file's;
+2 s, its certificate with it (only the certificates of sites that came or went change); a
+connection to another site stays open throughout; a host in the file is the file's;
 the status page says where each site came from; and with the API gone, routes stay until
 it is back. The measured latency is printed (``pytest -s``).
 """
@@ -208,6 +209,11 @@ def test_labelled_containers_are_served_and_dropped_live(
     log = proxy.log()
     assert "discovered: app.test -> http://127.0.0.1:" in log
     assert "no longer discovered: app.test" in log
+    # Per host name, not the whole set: the second container (same hosts) left the first's
+    # certificate alone, and the last one's stop dropped exactly that certificate, once.
+    assert log.count("site app.test: issued internal certificate") == 1
+    assert log.count("no longer served or renewed") == 1
+    assert "certificate for app.test www.app.test: no longer served or renewed" in log
 
 
 def test_a_host_in_the_file_wins_over_a_label(

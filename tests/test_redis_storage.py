@@ -25,13 +25,12 @@ from acme_client.keys import inspect
 from acme_client.location import open_storage
 from acme_client.records import CertificateRecords, Metadata
 from acme_client.redis_storage import HEALTH_HOOKS, RedisStorage, redacted, url_problem
-from acme_client.renewer import CertificateRequest, Renewer
+from acme_client.renewer import Renewer
 from acme_client.solvers import HTTP01Solver
 from acme_client.storage import LockBusy
 from acme_client.tlsalpn import ALPNChallenges
-from proxy.certs.acme_sites import watch_changes
 from tests.support import free_port, stop_process
-from tests.test_acme_units import DIRECTORY, LocalCA, Sink, wait_for
+from tests.test_acme_units import DIRECTORY, LocalCA, maintained, wait_for
 
 TOKEN = "t0k3n_" * 7
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -222,34 +221,19 @@ def _store_new_certificate(storage: RedisStorage, ca: LocalCA, site: str) -> str
 
 
 @pytest.mark.parametrize("announced", [True, False], ids=["pubsub", "polling"])
-async def test_a_replica_installs_what_another_stored(server: RedisServer, announced: bool) -> None:
+async def test_a_replica_serves_what_another_stored(server: RedisServer, announced: bool) -> None:
     """With the announcement the swap is immediate; without it (a missed message) the
     regular poll still catches up."""
     storage = RedisStorage(server.url)
-    sink = Sink()
-    renewer = Renewer(
-        ACMESettings(DIRECTORY),
-        storage,
-        [HTTP01Solver(MemoryChallengeStore())],
-        sink,
-        poll_interval=30.0 if announced else 1.0,
-    )
+    renewer = Renewer(ACMESettings(DIRECTORY), storage, [HTTP01Solver(MemoryChallengeStore())])
     renewer.ari = False
     ca = LocalCA()
-    request = CertificateRequest("r.test", ("r.test",))
     first = _store_new_certificate(RedisStorage(server.url), ca, "r.test")
-    renewer.manage([request])
-    task = asyncio.get_running_loop().create_task(renewer.run())
-    unwatch = watch_changes(storage, renewer) if announced else None
-    try:
-        await wait_for(lambda: sink.serials == [first], 3)
+    poll = 30.0 if announced else 1.0
+    async with maintained(server.url, renewer, ("r.test",), poll, watch=announced) as store:
+        await wait_for(lambda: store.serials == [first], 3)
         await asyncio.sleep(0.2)  # subscribed by now
         second = _store_new_certificate(RedisStorage(server.url), ca, "r.test")
         started = time.monotonic()
-        await wait_for(lambda: sink.serials == [first, second], 3)
+        await wait_for(lambda: store.serials == [first, second], 3)
         assert time.monotonic() - started < (0.5 if announced else 2.0)
-    finally:
-        if unwatch is not None:
-            unwatch()
-        renewer.close()
-        await asyncio.wait_for(task, 5)

@@ -30,16 +30,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from acme_client.interfaces import CertificateSink
+from acme_client.schedule import renewal_due
+from proxy.certs.acme_sites import ACMESource
+from proxy.certs.files import FileSource
+from proxy.certs.internal import TEMPORARY_SOURCE, InternalSource
 from proxy.certs.internal_ca import InternalCA
+from proxy.certs.manager import CertificateManager
 from proxy.certs.pemfiles import CERT_MODE, KEY_MODE, write_atomic
-from proxy.certs.sources import (
-    CertificateError,
-    CertificateManager,
-    describe_certificates,
-    renewal_due,
-)
-from proxy.certs.store import CertStore, make_entry, safe_name
-from proxy.config import Site, TLSConfig
+from proxy.certs.protocol import CertificateError
+from proxy.certs.sources import CertificateSources, describe_certificates
+from proxy.certs.store import CertEntry, CertStore, make_entry, safe_name
+from proxy.config import ACMEConfig, Site, TLSConfig, Upstream
 from proxy.tasks import spawn
 
 T = TypeVar("T")
@@ -314,7 +315,7 @@ def test_openssl_s_client_servername_and_groups(ca: InternalCA) -> None:
 # -- the store without sockets -----------------------------------------------------------
 
 
-def test_store_lookup_default_and_retain(ca: InternalCA) -> None:
+def test_store_lookup_default_and_remove(ca: InternalCA) -> None:
     store = CertStore()
     assert isinstance(store, CertificateSink)
     with pytest.raises(LookupError, match="no certificate installed"):
@@ -335,7 +336,7 @@ def test_store_lookup_default_and_retain(ca: InternalCA) -> None:
     assert store.lookup("a.test") is a.context
     assert store.lookup("www.a.test") is not a.context
     assert len(store.entries()) == 3
-    store.retain(["a.test", "www.a.test"])  # *.b.test (the default) is no longer configured
+    store.remove(["*.b.test"])  # the default is no longer served
     assert store.lookup("x.b.test") is a.context  # falls back to the oldest remaining entry
     store.remove(["a.test", "www.a.test"])
     assert store.entries() == []
@@ -390,12 +391,22 @@ def test_internal_leaf_is_short_lived_and_chains_to_the_root(ca: InternalCA) -> 
     assert b"PRIVATE KEY" in key_pem
 
 
+def manage(sites: list[Site], tls: TLSConfig, store: CertStore | None = None) -> CertificateManager:
+    """A manager serving ``sites`` into ``store`` (what a proxy does at start), no loop."""
+    manager = CertificateManager(store or CertStore())
+    asyncio.run(manager.replace_all(CertificateSources(tls).for_sites(sites)))
+    return manager
+
+
+def due(entry: CertEntry) -> datetime:
+    return renewal_due(entry.not_before, entry.not_after)
+
+
 def test_internal_certificates_are_stored_reused_and_renewed(tmp_path: Path) -> None:
     tls = TLSConfig(storage=str(tmp_path), issuer="internal")
     sites = [Site(hosts=("*.app.test", "app.test"), upstreams=())]
     store = CertStore()
-    manager = CertificateManager(store, sites, tls)
-    manager.load_all()
+    manager = manage(sites, tls, store)
     leaf_dir = tmp_path / "certificates" / "internal" / "wildcard_.app.test"
     assert mode(leaf_dir / "key.pem") == KEY_MODE
     assert mode(leaf_dir / "cert.pem") == CERT_MODE
@@ -407,22 +418,26 @@ def test_internal_certificates_are_stored_reused_and_renewed(tmp_path: Path) -> 
     (row,) = describe_certificates(sites, tls)  # the `tlsproxy certs` table, offline
     assert (row.names, row.issuer, row.last_error) == (("*.app.test", "app.test"), "internal", None)
     assert row.not_after == first.not_after.isoformat(timespec="seconds")
+    assert row.next_renewal == due(first).isoformat(timespec="seconds")
 
     restarted = CertStore()  # a restart reuses the stored leaf: no churn
-    CertificateManager(restarted, sites, tls).load_all()
+    manage(sites, tls, restarted)
     reused = restarted.get("app.test")
     assert reused is not None and reused.serial == first.serial
 
-    manager.tick(now=renewal_due(first) - timedelta(seconds=1))  # not yet due
-    assert store.get("app.test") is first
-    manager.tick(now=renewal_due(first) + timedelta(seconds=1))
-    renewed = store.get("app.test")
+    source = manager.source(sites[0].hosts)
+    assert isinstance(source, InternalSource)
+    assert source.due(datetime.now(UTC)) == due(first)  # the schedule's answer
+    renewed = source.renew(due(first) + timedelta(seconds=1))
     assert renewed is not None and renewed.serial != first.serial
     assert serial_of((leaf_dir / "cert.pem").read_bytes()) == int(renewed.serial, 16)
+    assert source.due(datetime.now(UTC)) == due(renewed)
 
-    manager.reload([Site(hosts=("other.test",), upstreams=())], tls)  # SIGHUP, new hosts
+    other = [Site(hosts=("other.test",), upstreams=())]  # SIGHUP, new hosts
+    asyncio.run(manager.replace_all(CertificateSources(tls).for_sites(other)))
     assert store.get("app.test") is None
     assert [e.names for e in store.entries()] == [("other.test",)]
+    assert manager.names() == [("other.test",)]
 
 
 # -- certificate files -------------------------------------------------------------------
@@ -431,16 +446,18 @@ def test_internal_certificates_are_stored_reused_and_renewed(tmp_path: Path) -> 
 def test_file_certificate_errors_name_site_and_file(tmp_path: Path, ca: InternalCA) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     site = Site(hosts=("f.test",), upstreams=(), cert=str(cert), key=str(key))
-    manager = CertificateManager(CertStore(), [site], TLSConfig(storage=str(tmp_path)))
+    tls = TLSConfig(storage=str(tmp_path))
     with pytest.raises(CertificateError, match=r"site f\.test: cannot read .*cert\.pem"):
-        manager.load_all()
-    (row,) = describe_certificates([site], TLSConfig(storage=str(tmp_path)))
+        manage([site], tls)
+    (row,) = describe_certificates([site], tls)
     assert row.issuer == "file" and row.last_error is not None and "cert.pem" in row.last_error
     chain_pem, _ = ca.issue(["f.test"])
     cert.write_bytes(chain_pem)
     key.write_bytes(ca.issue(["f.test"])[1])
+    store = CertStore()
     with pytest.raises(CertificateError, match=r"key\.pem is not the key of the certificate"):
-        manager.load_all()
+        manage([site], tls, store)
+    assert store.entries() == []  # nothing served from a source that failed to load
 
 
 def test_file_watcher_swaps_certificates_and_ignores_a_mismatched_pair(
@@ -458,12 +475,7 @@ def test_file_watcher_swaps_certificates_and_ignores_a_mismatched_pair(
     write(*pairs[0])
     site = Site(hosts=("f.test",), upstreams=(), cert=str(cert), key=str(key))
     store = CertStore()
-    manager = CertificateManager(
-        store, [site], TLSConfig(storage=str(tmp_path)), poll_interval=0.05
-    )
-    manager.load_all()
-    entry = store.get("f.test")
-    assert entry is not None and (entry.issuer, entry.source) == ("file", str(cert))
+    manager = CertificateManager(store, poll_interval=0.05)
 
     async def serial_becomes(port: int, expected: int, within: float = 5.0) -> float:
         start = time.monotonic()
@@ -473,6 +485,9 @@ def test_file_watcher_swaps_certificates_and_ignores_a_mismatched_pair(
         return time.monotonic() - start
 
     async def scenario() -> None:
+        await manager.replace_all([FileSource(site)])
+        entry = store.get("f.test")
+        assert entry is not None and (entry.issuer, entry.source) == ("file", str(cert))
         maintenance = spawn(manager.run(), name="certificate maintenance")
         try:
             async with tls_server(store) as port:
@@ -496,21 +511,21 @@ def test_file_watcher_swaps_certificates_and_ignores_a_mismatched_pair(
     assert sum("not the key" in r.getMessage() for r in warnings_logged) == 1  # logged once
 
 
-def test_the_maintenance_pass_reissues_a_temporary_certificate_when_due(tmp_path: Path) -> None:
+def test_a_temporary_certificate_is_reissued_when_due_while_the_ca_is_down(
+    tmp_path: Path,
+) -> None:
     """An ACME site with no certificate yet serves a temporary one; a CA outage longer
-    than its life must not leave it expired: the same pass as files and leaves renews it."""
-    from proxy.certs.acme_sites import TEMPORARY_SOURCE
-    from proxy.config import Upstream
-
-    store = CertStore()
+    than its life must not leave it expired: the source's renewal re-issues it."""
+    tls = TLSConfig(storage=str(tmp_path))
+    acme = ACMEConfig(directory="https://127.0.0.1:9/directory")  # nothing listens there
     site = Site(hosts=("tmp.test",), upstreams=(Upstream("127.0.0.1", 9),))
-    manager = CertificateManager(store, [site], TLSConfig(storage=str(tmp_path)))
-    manager.load_all()  # the renewer is not run: no CA is contacted
-    first = store.get("tmp.test")
+    source = CertificateSources(tls, acme).for_site(site)
+    assert isinstance(source, ACMESource)
+    first = source.load(None)
     assert first is not None and first.source == TEMPORARY_SOURCE
-    manager.tick(now=first.not_before + timedelta(hours=1))  # not due
-    assert store.get("tmp.test") is first
-    manager.tick(now=first.not_after - timedelta(seconds=1))
-    second = store.get("tmp.test")
+    assert source.renew(first.not_before + timedelta(hours=1)) is None  # the order fails
+    later = first.not_after - timedelta(seconds=1)
+    assert (due_at := source.due(later)) is not None and due_at <= later
+    second = source.renew(later)  # the order fails again; the stand-in is due
     assert second is not None and second.source == TEMPORARY_SOURCE
     assert second.serial != first.serial

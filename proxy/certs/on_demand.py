@@ -88,13 +88,17 @@ class OnDemand:
         self._failing: dict[str, _Failing] = {}
         self._orders = asyncio.Semaphore(MAX_ORDERS)
 
+    def covers(self, name: str) -> bool:
+        """Whether an on-demand site's hosts match ``name`` (normalized)."""
+        return any(matches(pattern, name) for pattern in self.patterns)
+
     def hold(self, server_name: str | None) -> asyncio.Future[bool] | None:
         """None: no need to wait (not an on-demand name, or its certificate is installed).
         Otherwise a future: True once the certificate is installed, False to refuse."""
         if not server_name:
             return None
         name = normalize(server_name)
-        if not any(matches(p, name) for p in self.patterns) or self.store.covers(name):
+        if not self.covers(name) or self.store.covers(name):
             return None
         pending = self._pending.get(name)
         if pending is not None:

@@ -58,11 +58,6 @@ def make_private_dir(path: Path | str) -> Path:
     return path
 
 
-def read_chain_and_key(cert_path: Path | str, key_path: Path | str) -> tuple[bytes, bytes]:
-    """Read a PEM chain and its key; ``OSError`` propagates so callers can name the file."""
-    return Path(cert_path).read_bytes(), Path(key_path).read_bytes()
-
-
 @contextlib.contextmanager
 def locked(lock_path: Path | str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path``: one process creates or re-issues at a time.

@@ -187,13 +187,6 @@ class CertStore:
             old = self._snapshot
             self._publish({n: e for n, e in old.entries.items() if n not in drop}, old.default_name)
 
-    def retain(self, names: Iterable[str]) -> None:
-        """Keep only ``names`` (a reload passes every host still configured)."""
-        keep = {normalize(n) for n in names}
-        with self._write_lock:
-            old = self._snapshot
-            self._publish({n: e for n, e in old.entries.items() if n in keep}, old.default_name)
-
     def _publish(self, entries: dict[str, CertEntry], default_name: str | None) -> None:
         if default_name not in entries:  # the default's name went away: the oldest entry
             default_name = next(iter(entries), None)
